@@ -1,0 +1,373 @@
+"""detfocal.losses: sigmoid and softmax focal loss against torchvision, F.* and float64 formulas."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torchvision.ops import sigmoid_focal_loss as tv_sigmoid_focal_loss
+
+from detfocal import SigmoidFocalLoss, sigmoid_focal_loss, softmax_focal_loss
+
+ALPHAS = [-1, 0.0, 0.25, 0.58, 1.0]
+GAMMAS = [0.0, 0.5, 1.0, 2.0, 5.0]
+
+
+def _value_and_grad(fn, logits, *args, **kwargs):
+    x = logits.detach().clone().requires_grad_(True)
+    out = fn(x, *args, **kwargs)
+    # A non-uniform upstream gradient also checks "none"'s elementwise backward.
+    upstream = torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype).reshape(out.shape) if out.dim() else 1.0
+    (grad,) = torch.autograd.grad((out * upstream).sum(), x)
+    return out.detach(), grad
+
+
+def _reference_focal64(logits, targets, alpha, gamma):
+    """Paper eq. 5 written directly in float64, for 0/1 or soft targets (torchvision's definition)."""
+    z = logits.double()
+    t = targets.double()
+    p = torch.sigmoid(z)
+    ce = -(t * torch.log(p) + (1 - t) * torch.log1p(-p))
+    p_t = p * t + (1 - p) * (1 - t)
+    loss = ce * (1 - p_t) ** gamma
+    if alpha is not None and alpha >= 0:
+        loss = loss * (alpha * t + (1 - alpha) * (1 - t))
+    return loss
+
+
+# ---------------------------------------------------------------- float targets vs torchvision
+@pytest.mark.parametrize("alpha", ALPHAS)
+@pytest.mark.parametrize("gamma", GAMMAS)
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_float_targets_match_torchvision_values_and_grads(alpha, gamma, reduction):
+    logits = torch.randn(3, 17, 6, dtype=torch.float64) * 3
+    targets = (torch.rand(3, 17, 6) < 0.2).double()
+    ours, our_grad = _value_and_grad(sigmoid_focal_loss, logits, targets, alpha, gamma, reduction)
+    theirs, their_grad = _value_and_grad(tv_sigmoid_focal_loss, logits, targets, alpha, gamma, reduction)
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(our_grad, their_grad, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+def test_soft_targets_match_torchvision(gamma):
+    logits = torch.randn(40, 5, dtype=torch.float64) * 2
+    targets = torch.rand(40, 5, dtype=torch.float64)
+    ours, our_grad = _value_and_grad(sigmoid_focal_loss, logits, targets, 0.25, gamma, "sum")
+    theirs, their_grad = _value_and_grad(tv_sigmoid_focal_loss, logits, targets, 0.25, gamma, "sum")
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(our_grad, their_grad)
+
+
+def test_fp32_matches_torchvision_fp32():
+    logits = torch.randn(2, 300, 80) * 4
+    targets = (torch.rand(2, 300, 80) < 0.01).float()
+    ours, our_grad = _value_and_grad(sigmoid_focal_loss, logits, targets, 0.25, 2.0, "sum")
+    theirs, their_grad = _value_and_grad(tv_sigmoid_focal_loss, logits, targets, 0.25, 2, "sum")
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(our_grad, their_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_matches_float64_formula():
+    logits = torch.randn(50, 7, dtype=torch.float64) * 5
+    targets = (torch.rand(50, 7) < 0.3).double()
+    torch.testing.assert_close(sigmoid_focal_loss(logits, targets, 0.3, 1.5), _reference_focal64(logits, targets, 0.3, 1.5))
+
+
+# ---------------------------------------------------------------- integer labels
+def _one_hot_rows(labels, num_classes):
+    one_hot = torch.zeros(*labels.shape, num_classes + 1, dtype=torch.float64)
+    one_hot.scatter_(-1, labels.clamp(min=0).unsqueeze(-1), 1.0)
+    return one_hot[..., :num_classes]
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("ignore_index", [-1, 255])
+@pytest.mark.parametrize("gamma", [0.5, 2.0])
+def test_integer_labels_equal_float_path_on_one_hot(reduction, ignore_index, gamma):
+    num_classes = 6
+    logits = torch.randn(4, 30, num_classes, dtype=torch.float64) * 3
+    labels = torch.randint(0, num_classes + 1, (4, 30))  # num_classes = background
+    labels[torch.rand(4, 30) < 0.2] = ignore_index
+    keep = labels != ignore_index
+
+    ours, our_grad = _value_and_grad(sigmoid_focal_loss, logits, labels, 0.25, gamma, reduction,
+                                     ignore_index=ignore_index)
+    ref_logits = logits[keep]
+    ref_targets = _one_hot_rows(labels[keep], num_classes)
+    if reduction == "none":
+        ref = torch.zeros_like(logits)
+        ref[keep] = tv_sigmoid_focal_loss(ref_logits, ref_targets, 0.25, gamma, "none")
+        torch.testing.assert_close(ours, ref)
+        ref_grad = torch.zeros_like(logits)
+        x = ref_logits.clone().requires_grad_(True)
+        upstream = torch.linspace(0.5, 1.5, logits.numel(), dtype=logits.dtype).reshape(logits.shape)
+        tv_sigmoid_focal_loss(x, ref_targets, 0.25, gamma, "none").mul(upstream[keep]).sum().backward()
+        torch.testing.assert_close(our_grad[keep], x.grad)
+    else:
+        ref = tv_sigmoid_focal_loss(ref_logits, ref_targets, 0.25, gamma, reduction)
+        torch.testing.assert_close(ours, ref)
+        x = ref_logits.clone().requires_grad_(True)
+        tv_sigmoid_focal_loss(x, ref_targets, 0.25, gamma, reduction).backward()
+        torch.testing.assert_close(our_grad[keep], x.grad)
+    assert torch.all(our_grad[~keep] == 0), "ignored rows must get zero gradient"
+
+
+def test_background_label_makes_every_class_negative():
+    logits = torch.randn(5, 4, dtype=torch.float64)
+    background = torch.full((5,), 4)
+    expected = tv_sigmoid_focal_loss(logits, torch.zeros_like(logits), 0.25, 2.0)
+    torch.testing.assert_close(sigmoid_focal_loss(logits, background), expected)
+
+
+def test_integer_label_dtypes_agree():
+    logits = torch.randn(10, 3)
+    labels = torch.tensor([0, 1, 2, 3, -1, 0, 1, 2, 3, 3])
+    reference = sigmoid_focal_loss(logits, labels, reduction="sum")
+    for dtype in (torch.int32, torch.int16, torch.int8):
+        torch.testing.assert_close(sigmoid_focal_loss(logits, labels.to(dtype), reduction="sum"), reference)
+
+
+def test_per_class_alpha_equals_float_formula():
+    num_classes = 3
+    alpha = [0.1, 0.5, 0.9]
+    logits = torch.randn(20, num_classes, dtype=torch.float64)
+    labels = torch.randint(0, num_classes + 1, (20,))
+    t = _one_hot_rows(labels, num_classes)
+    alpha_t = torch.tensor(alpha, dtype=torch.float64)
+    ref = _reference_focal64(logits, t, None, 2.0) * (alpha_t * t + (1 - alpha_t) * (1 - t))
+    torch.testing.assert_close(sigmoid_focal_loss(logits, labels, alpha, 2.0), ref)
+    torch.testing.assert_close(sigmoid_focal_loss(logits, t, torch.tensor(alpha), 2.0), ref)
+
+
+def test_per_row_alpha_broadcasts_over_classes():
+    logits = torch.randn(6, 4, dtype=torch.float64)
+    labels = torch.randint(0, 5, (6,))
+    row_alpha = torch.linspace(0.1, 0.9, 6, dtype=torch.float64)
+    t = _one_hot_rows(labels, 4)
+    a = row_alpha[:, None]
+    ref = _reference_focal64(logits, t, None, 2.0) * (a * t + (1 - a) * (1 - t))
+    torch.testing.assert_close(sigmoid_focal_loss(logits, labels, row_alpha, 2.0), ref)
+
+
+# ---------------------------------------------------------------- degenerate cases
+def test_gamma0_no_alpha_is_bce():
+    logits = torch.randn(8, 9, 5, dtype=torch.float64) * 4
+    targets = (torch.rand(8, 9, 5) < 0.5).double()
+    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    torch.testing.assert_close(sigmoid_focal_loss(logits, targets, -1, 0.0), bce)
+    torch.testing.assert_close(sigmoid_focal_loss(logits, targets, None, 0.0, "mean"), bce.mean())
+
+
+@pytest.mark.parametrize("gamma", [0.5, 1.0, 2.0, 5.0])
+def test_focal_never_exceeds_bce(gamma):
+    logits = torch.randn(1000, 3, dtype=torch.float64) * 6
+    targets = (torch.rand(1000, 3) < 0.5).double()
+    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    assert torch.all(sigmoid_focal_loss(logits, targets, -1, gamma) <= bce + 1e-15)
+
+
+def test_empty_inputs():
+    logits = torch.zeros(0, 80, requires_grad=True)
+    total = sigmoid_focal_loss(logits, torch.zeros(0, dtype=torch.long), reduction="sum")
+    total.backward()
+    assert total.item() == 0.0 and logits.grad.shape == (0, 80)
+    assert sigmoid_focal_loss(logits, torch.zeros(0, 80), reduction="none").shape == (0, 80)
+    assert sigmoid_focal_loss(logits, torch.zeros(0, dtype=torch.long), reduction="mean").item() == 0.0
+
+
+def test_all_ignored_mean_is_zero_with_zero_grad():
+    logits = torch.randn(4, 3, requires_grad=True)
+    loss = sigmoid_focal_loss(logits, torch.full((4,), -1), reduction="mean")
+    loss.backward()
+    assert loss.item() == 0.0 and torch.all(logits.grad == 0)
+
+
+def test_module_wrapper_matches_function():
+    logits = torch.randn(7, 4)
+    labels = torch.randint(-1, 5, (7,))
+    module = SigmoidFocalLoss(alpha=0.4, gamma=1.5, reduction="sum")
+    torch.testing.assert_close(module(logits, labels), sigmoid_focal_loss(logits, labels, 0.4, 1.5, "sum"))
+
+
+# ---------------------------------------------------------------- gradients and numerics
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_gradcheck_float64(gamma, reduction):
+    logits = torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([[0, 4, -1, 2, 3]] * 3)
+    soft = torch.rand(3, 5, 4, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x: sigmoid_focal_loss(x, labels, 0.25, gamma, reduction), (logits,))
+    assert torch.autograd.gradcheck(lambda x: sigmoid_focal_loss(x, soft, 0.25, gamma, reduction), (logits,))
+
+
+def test_gradient_matches_paper_formula():
+    """dFL/dx = alpha (1-p)^gamma (gamma p log p + p - 1) for a positive (paper, appendix)."""
+    x = torch.linspace(-8, 8, 33, dtype=torch.float64)
+    alpha, gamma = 0.25, 2.0
+    _, grad = _value_and_grad(lambda z: sigmoid_focal_loss(z, torch.ones_like(z), alpha, gamma, "sum"), x)
+    p = torch.sigmoid(x)
+    torch.testing.assert_close(grad, alpha * (1 - p) ** gamma * (gamma * p * torch.log(p) + p - 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0, 2.0])
+def test_finite_at_saturated_logits(dtype, gamma):
+    logits = torch.tensor([[-1e4, 1e4, 0.0], [1e4, -1e4, 30.0]], dtype=dtype, requires_grad=True)
+    for targets in (torch.tensor([0, 1]), torch.tensor([[1.0, 0.0, 1.0], [1.0, 0.0, 0.0]], dtype=dtype)):
+        logits.grad = None
+        loss = sigmoid_focal_loss(logits, targets, 0.25, gamma, "sum")
+        loss.backward()
+        assert torch.isfinite(loss) and torch.all(torch.isfinite(logits.grad)), (targets, loss, logits.grad)
+        assert logits.grad.dtype == dtype
+
+
+def test_torchvision_is_nan_where_we_are_finite():
+    """The defect we fix: torchvision's autograd gives NaN at gamma < 1 and saturated logits."""
+    x = torch.tensor([100.0, -100.0], requires_grad=True)
+    t = torch.tensor([1.0, 0.0])
+    tv_sigmoid_focal_loss(x, t, 0.25, 0.5, "sum").backward()
+    assert torch.isnan(x.grad).any()
+    x.grad = None
+    sigmoid_focal_loss(x, t, 0.25, 0.5, "sum").backward()
+    assert torch.all(torch.isfinite(x.grad))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_computed_in_fp32(dtype):
+    logits = torch.randn(64, 10) * 5
+    labels = torch.randint(0, 11, (64,))
+    low = sigmoid_focal_loss(logits.to(dtype), labels, reduction="none")
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, sigmoid_focal_loss(logits.to(dtype).float(), labels, reduction="none"))
+
+
+def test_only_one_tensor_saved_for_backward():
+    logits = torch.randn(2, 50, 8, requires_grad=True)
+    labels = torch.randint(0, 9, (2, 50))
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = sigmoid_focal_loss(logits, labels, reduction="sum")
+    assert len(saved) == 1 and saved[0].shape == logits.shape
+    loss.backward()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 5), min_size=1, max_size=3),
+    num_classes=st.integers(1, 6),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16]),
+    gamma=st.sampled_from(GAMMAS),
+    alpha=st.sampled_from(ALPHAS),
+    scale=st.sampled_from([1.0, 10.0, 1e4]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_integer_path_equals_float64_formula(shape, num_classes, dtype, gamma, alpha, scale, seed):
+    generator = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(*shape, num_classes, generator=generator) * scale).to(dtype)
+    labels = torch.randint(-1, num_classes + 1, tuple(shape), generator=generator)
+    x = logits.clone().requires_grad_(True)
+    loss = sigmoid_focal_loss(x, labels, alpha, gamma, "sum")
+    loss.backward()
+    keep = labels != -1
+    ref = _reference_focal64(logits.double()[keep], _one_hot_rows(labels[keep], num_classes), alpha, gamma)
+    finite = torch.isfinite(ref)  # the naive float64 reference itself overflows at |x| = 1e4
+    assert torch.isfinite(loss) and torch.all(torch.isfinite(x.grad))
+    if bool(finite.all()):
+        torch.testing.assert_close(loss.double(), ref.sum(), rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- softmax focal loss
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_softmax_gamma0_is_cross_entropy(reduction):
+    logits = torch.randn(30, 5, dtype=torch.float64) * 3
+    target = torch.randint(0, 5, (30,))
+    target[::7] = -100
+    weight = torch.tensor([0.2, 1.0, 2.0, 0.5, 1.5], dtype=torch.float64)
+    for alpha in (None, weight):
+        ours, our_grad = _value_and_grad(softmax_focal_loss, logits, target, alpha, 0.0, reduction)
+        theirs, their_grad = _value_and_grad(F.cross_entropy, logits, target, alpha, reduction=reduction)
+        torch.testing.assert_close(ours, theirs)
+        torch.testing.assert_close(our_grad, their_grad)
+
+
+def test_softmax_gamma0_matches_cross_entropy_with_custom_ignore_index_nd():
+    logits = torch.randn(2, 6, 4, 3, dtype=torch.float64)  # [B, H, W, C]
+    target = torch.randint(0, 3, (2, 6, 4))
+    target[0, 0] = 7
+    ours = softmax_focal_loss(logits, target, gamma=0.0, ignore_index=7)
+    theirs = F.cross_entropy(logits.permute(0, 3, 1, 2), target, ignore_index=7)
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_softmax_gamma2_matches_float64_formula():
+    logits = torch.randn(25, 6, dtype=torch.float64) * 2
+    target = torch.randint(0, 6, (25,))
+    alpha = torch.rand(6, dtype=torch.float64)
+    p_t = torch.softmax(logits, -1).gather(-1, target[:, None]).squeeze(-1)
+    per_sample = -alpha[target] * (1 - p_t) ** 2 * torch.log(p_t)
+    torch.testing.assert_close(softmax_focal_loss(logits, target, alpha, 2.0, "none"), per_sample)
+    torch.testing.assert_close(softmax_focal_loss(logits, target, alpha, 2.0, "mean"),
+                               per_sample.sum() / alpha[target].sum())
+
+
+def test_softmax_focal_is_not_the_seed_batch_mean_formula():
+    """The seeds computed (1 - exp(-CE_mean))^gamma * CE_mean: not a per-sample focal loss."""
+    logits = torch.tensor([[4.0, 0.0], [0.0, 4.0]], dtype=torch.float64)
+    target = torch.tensor([0, 0])  # one easy, one hard sample
+    ce_mean = F.cross_entropy(logits, target)
+    seed_value = (1 - torch.exp(-ce_mean)) ** 2 * ce_mean
+    assert not torch.isclose(softmax_focal_loss(logits, target, gamma=2.0), seed_value)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+def test_softmax_gradcheck_and_saturation(gamma):
+    logits = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 1, 2, 3, -100, 1])
+    assert torch.autograd.gradcheck(lambda x: softmax_focal_loss(x, target, None, gamma, "mean"), (logits,))
+    assert torch.autograd.gradcheck(lambda x: softmax_focal_loss(x, target, None, gamma, "none"), (logits,))
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        x = torch.tensor([[1e4, -1e4, 0.0], [-1e4, 1e4, 0.0]], dtype=dtype, requires_grad=True)
+        softmax_focal_loss(x, torch.tensor([0, 0]), gamma=gamma).backward()
+        assert torch.all(torch.isfinite(x.grad))
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    "call, argument",
+    [
+        (lambda x: sigmoid_focal_loss(x, torch.zeros(4, 2)), "targets"),
+        (lambda x: sigmoid_focal_loss(x, torch.zeros(5, dtype=torch.long)), "targets"),
+        (lambda x: sigmoid_focal_loss(x, torch.tensor([0, 1, 4, 2])), "targets"),
+        (lambda x: sigmoid_focal_loss(x, torch.tensor([0, 1, -2, 2])), "targets"),
+        (lambda x: sigmoid_focal_loss(x, torch.zeros(4, 3), gamma=-0.5), "gamma"),
+        (lambda x: sigmoid_focal_loss(x, torch.zeros(4, 3), alpha=1.5), "alpha"),
+        (lambda x: sigmoid_focal_loss(x, torch.zeros(4, 3), alpha=[0.1, 0.2]), "alpha"),
+        (lambda x: sigmoid_focal_loss(x, torch.zeros(4, 3), reduction="avg"), "reduction"),
+        (lambda x: sigmoid_focal_loss(x.long(), torch.zeros(4, 3)), "logits"),
+        (lambda x: sigmoid_focal_loss(x, torch.zeros(4, 3), label_smoothing=2.0), "label_smoothing"),
+        (lambda x: softmax_focal_loss(x, torch.tensor([0, 1, 3, 2])), "target"),
+        (lambda x: softmax_focal_loss(x, torch.zeros(4, 3)), "target"),
+        (lambda x: softmax_focal_loss(x, torch.zeros(4, dtype=torch.long), alpha=[1.0]), "alpha"),
+        (lambda x: softmax_focal_loss(x, torch.zeros(4, dtype=torch.long), gamma=-1), "gamma"),
+        (lambda x: softmax_focal_loss(x, torch.zeros(4, dtype=torch.long), reduction="avg"), "reduction"),
+    ],
+)
+def test_bad_input_raises_value_error_naming_the_argument(call, argument):
+    with pytest.raises(ValueError, match=rf"^{argument}\b"):
+        call(torch.randn(4, 3))
+
+
+def test_error_names_the_offending_value():
+    with pytest.raises(ValueError, match="label 7"):
+        sigmoid_focal_loss(torch.randn(3, 4), torch.tensor([0, 7, 1]))
+    with pytest.raises(ValueError, match="-0.5"):
+        sigmoid_focal_loss(torch.randn(3, 4), torch.tensor([0, 1, 1]), gamma=-0.5)
+    assert math.isfinite(sigmoid_focal_loss(torch.randn(3, 4), torch.tensor([0, 4, -1]), reduction="sum").item())
