@@ -67,8 +67,9 @@ def _wants_compile(logits: Tensor) -> bool:
 
 def _compiled_version(fn: Callable[..., Any]) -> Callable[..., Any]:
     if fn not in _compiled:
-        # dynamic=None: the first new N recompiles once with symbolic shapes, later ones reuse it.
-        compiled = torch.compile(fn, dynamic=None, fullgraph=True)
+        # dynamic=True: N changes every batch (image sizes vary), so compile symbolic shapes
+        # once instead of once per N. Measured here, the symbolic kernel was also the faster one.
+        compiled = torch.compile(fn, dynamic=True, fullgraph=True)
 
         @functools.wraps(fn)
         def run(*args: Any) -> Any:

@@ -82,58 +82,121 @@ def focal_float_targets(z: Tensor, targets: Tensor, alpha: Tensor | None, gamma:
     return _reduce(loss, grad, reduction, None)
 
 
+def hard_terms(z: Tensor, positive: bool, alpha: Tensor | None, gamma: float,
+               need_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """:func:`focal_terms` for an exact 0/1 target, from one exp and one log1p per element.
+
+    With the signed logit s = z (positive) or -z (negative), p_t = sigmoid(s), q = 1 - p_t:
+        loss = alpha_t q^gamma softplus(-s),
+        dloss/ds = -alpha_t q^gamma (gamma p_t softplus(-s) + q),   dloss/dz = +-dloss/ds.
+    """
+    s = z if positive else -z
+    e = torch.exp(-s.abs())
+    ce = (-s).clamp(min=0) + torch.log1p(e)  # softplus(-s) = -log p_t
+    inv = 1.0 / (1.0 + e)
+    nonneg = s >= 0
+    p_t = torch.where(nonneg, inv, e * inv)
+    q = torch.where(nonneg, e * inv, inv)
+    weight = q.pow(gamma)
+    if alpha is not None:
+        weight = weight * (alpha if positive else 1 - alpha)
+    loss = weight * ce
+    if not need_grad:
+        return loss, None
+    grad_s = weight * (gamma * p_t * ce + q)
+    return loss, (-grad_s if positive else grad_s)
+
+
 def focal_int_targets(z: Tensor, labels: Tensor, alpha: Tensor | None, gamma: float, reduction: str,
                       ignore_index: int, label_smoothing: float, need_grad: bool) -> tuple[Tensor, Tensor | None]:
     """Integer labels ``[...]``: c in [0, C) positive for class c, C background, ignore_index ignored.
 
-    No one-hot: every element is first computed as a negative, then the one positive
-    column of each foreground row is recomputed from a gather and scattered back.
+    No one-hot: every element is computed as a negative, then the one positive column of
+    each foreground row is recomputed from a gather ([...] elements) and corrected: for
+    "sum"/"mean" the correction is added to the total, for "none" and the gradient it is
+    scattered in place.
     """
     num_classes = z.shape[-1]
-    t_neg = label_smoothing / 2
-    t_pos = 1 - label_smoothing / 2
-    loss, grad = focal_terms(z, t_neg, alpha, gamma, need_grad)
-
     valid = labels != ignore_index
-    is_pos = valid & (labels >= 0) & (labels < num_classes)
-    index = torch.where(is_pos, labels, torch.zeros_like(labels)).unsqueeze(-1)  # [..., 1]
-    z_pos = z.gather(-1, index)
-    alpha_pos = None
+    is_pos = (valid & (labels >= 0) & (labels < num_classes)).unsqueeze(-1)  # [..., 1]
+    index = torch.where(is_pos.squeeze(-1), labels, torch.zeros_like(labels)).unsqueeze(-1)  # [..., 1]
+    valid_f = valid.unsqueeze(-1).to(z.dtype)  # [..., 1]
+    z_label = z.gather(-1, index)  # [..., 1]
+    alpha_label = None
     if alpha is not None:
-        alpha_pos = alpha.expand_as(z).gather(-1, index) if alpha.dim() else alpha
-    loss_pos, grad_pos = focal_terms(z_pos, t_pos, alpha_pos, gamma, need_grad)
-    keep = is_pos.unsqueeze(-1)
-    loss = loss.scatter(-1, index, torch.where(keep, loss_pos, loss.gather(-1, index)))
-    valid_f = valid.unsqueeze(-1).to(z.dtype)
-    loss = loss * valid_f
-    if grad is not None and grad_pos is not None:
-        grad = grad.scatter(-1, index, torch.where(keep, grad_pos, grad.gather(-1, index)))
-        grad = grad * valid_f
-    count = valid.sum().to(z.dtype) * num_classes
-    return _reduce(loss, grad, reduction, count)
+        alpha_label = alpha.expand_as(z).gather(-1, index) if alpha.dim() else alpha
+
+    def terms(x: Tensor, positive: bool, a: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        if label_smoothing:
+            t = 1 - label_smoothing / 2 if positive else label_smoothing / 2
+            return focal_terms(x, t, a, gamma, need_grad)
+        return hard_terms(x, positive, a, gamma, need_grad)
+
+    loss, grad = terms(z, False, alpha)  # every element as a negative: [..., C]
+    pos_loss, pos_grad = terms(z_label, True, alpha_label)  # [..., 1]
+    neg_loss_label, neg_grad_label = terms(z_label, False, alpha_label)  # [..., 1]
+
+    if grad is not None:
+        assert pos_grad is not None and neg_grad_label is not None
+        grad = grad.mul_(valid_f).scatter_(-1, index, torch.where(is_pos, pos_grad, neg_grad_label) * valid_f)
+    if reduction == "none":
+        loss = loss.mul_(valid_f).scatter_(-1, index, torch.where(is_pos, pos_loss, neg_loss_label) * valid_f)
+        return loss, grad
+    correction = torch.where(is_pos, pos_loss - neg_loss_label, torch.zeros_like(pos_loss))
+    total = (loss * valid_f).sum() + correction.sum()
+    if reduction == "sum":
+        return total, grad
+    count = (valid.sum() * num_classes).to(z.dtype).clamp(min=1)
+    return total / count, None if grad is None else grad / count
 
 
 # --------------------------------------------------------------------------------------
 # Autograd glue: forward runs the (eager or compiled) math, backward is one multiply.
 # --------------------------------------------------------------------------------------
 class _SavedGradFunction(torch.autograd.Function):
-    """Wraps ``fn(z) -> (loss, dloss/dz)``; saves only dloss/dz, in the logits' dtype."""
+    """Wraps ``fn(z, need_grad) -> (loss, dloss/dz)``; saves only dloss/dz, in the logits' dtype.
+
+    For a scalar loss, the first backward scales the saved gradient in place and hands it
+    on: no new logits-sized allocation, which on CPU costs as much as the multiply itself.
+    It records the scale it applied, so a later backward through the same graph
+    (``retain_graph``, ``gradcheck``) rescales by the ratio, out of place.
+    """
 
     @staticmethod
     def forward(ctx, logits: Tensor, fn: Callable[[Tensor, bool], tuple[Tensor, Tensor | None]]) -> Tensor:  # type: ignore[override]
         need_grad = ctx.needs_input_grad[0]
         loss, grad = fn(logits, need_grad)
-        if need_grad:
-            assert grad is not None
-            ctx.save_for_backward(grad.to(logits.dtype))
+        ctx.applied_scale = None
+        # Kept as a plain attribute, not save_for_backward: backward updates it in place, and it
+        # is an intermediate (never an input or output), so no version-counter check is needed.
+        ctx.grad = grad.to(logits.dtype) if need_grad and grad is not None else None
         return loss
+
+    @staticmethod
+    def _scale(ctx, grad_output: Tensor) -> Tensor:
+        grad = ctx.grad
+        if grad_output.numel() != 1:
+            return grad * grad_output.to(grad.dtype)
+        scale = grad_output.reshape(()).to(grad.dtype)
+        previous = ctx.applied_scale
+        if previous is None:
+            ctx.applied_scale = scale
+            return grad.mul_(scale)
+        # A second backward (retain_graph, gradcheck): out of place, so the gradient handed
+        # out the first time is not changed under the caller. A zero first scale wiped the
+        # buffer, which cannot be undone.
+        if previous.device.type == "cpu":
+            if previous.item() == 0.0:
+                raise RuntimeError("detfocal focal loss: cannot backpropagate again through a graph whose "
+                                   "first backward scaled the loss by 0")
+        else:
+            torch._assert_async(previous != 0, "detfocal focal loss: second backward after a zero scale")
+        return grad * (scale / previous)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        (grad,) = ctx.saved_tensors
-        # Scalar grad_output for "sum"/"mean": one multiply; elementwise for "none".
-        return grad * grad_output.to(grad.dtype), None
+        return _SavedGradFunction._scale(ctx, grad_output), None
 
 
 def sigmoid_focal_loss(
@@ -351,5 +414,4 @@ class _RowwiseSavedGrad(_SavedGradFunction):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        (grad,) = ctx.saved_tensors
-        return grad * grad_output.unsqueeze(-1).to(grad.dtype), None
+        return _SavedGradFunction._scale(ctx, grad_output.unsqueeze(-1)), None
