@@ -367,6 +367,7 @@ def alpha_from_object_counts(num_objs: Tensor | Sequence[float]) -> Tensor:
         ValueError: counts not 1-d, empty, negative, non-finite or not numeric.
 
     Example:
+        >>> from detfocal.losses import sigmoid_focal_loss
         >>> alpha = alpha_from_object_counts(torch.tensor([1, 3, 8]))   # [0.25, 0.75, 1.0]
         >>> logits, labels = torch.randn(3, 100, 80), torch.full((3, 100), 80)
         >>> loss = sigmoid_focal_loss(logits, labels, alpha=alpha[:, None, None], reduction="sum")
@@ -481,7 +482,7 @@ def quality_focal_loss(
     reduction: str = "none",
     ignore_index: int = -1,
 ) -> Tensor:
-    """Quality focal loss, QFL(p) = -|y - p|^beta ((1 - y) log(1 - p) + y log p) (Li et al. 2020, eq. 4).
+    """Quality focal loss, QFL(p) = -|y - p|^beta ((1 - y) log(1 - p) + y log p) (Li et al. 2020).
 
     From GFL ("Generalized Focal Loss: Learning Qualified and Distributed Bounding Boxes
     for Dense Object Detection"): the classification score of the labelled class regresses
@@ -526,17 +527,17 @@ def quality_focal_loss(
     index = torch.where(is_pos, labels, torch.zeros_like(labels)).unsqueeze(-1)  # [...] -> [..., 1]
     keep = is_pos.unsqueeze(-1)
     score_pos = torch.where(is_pos, scores.to(dtype), 0).unsqueeze(-1)  # [...] -> [..., 1]
-    valid_f = valid.unsqueeze(-1)
+    valid_rows = valid.unsqueeze(-1)  # [...] -> [..., 1]
     count = valid.sum().to(dtype) * num_classes
 
     def fn(z: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
         z = z.to(dtype)
         loss, grad = _qfl_terms(z, 0.0, beta, need_grad)
         loss_pos, grad_pos = _qfl_terms(z.gather(-1, index), score_pos, beta, need_grad)
-        loss = torch.where(valid_f, loss.scatter(-1, index, torch.where(keep, loss_pos, loss.gather(-1, index))), 0)
+        loss = torch.where(valid_rows, loss.scatter(-1, index, torch.where(keep, loss_pos, loss.gather(-1, index))), 0)
         if grad is not None and grad_pos is not None:
             grad = grad.scatter(-1, index, torch.where(keep, grad_pos, grad.gather(-1, index)))
-            grad = torch.where(valid_f, grad, 0)
+            grad = torch.where(valid_rows, grad, 0)
         return _reduce(loss, grad, reduction, count)
 
     if logits.requires_grad and torch.is_grad_enabled():
@@ -552,7 +553,7 @@ def varifocal_loss(
     iou_weighted: bool = True,
     reduction: str = "none",
 ) -> Tensor:
-    """Varifocal loss (Zhang et al. 2021, "VarifocalNet: An IoU-aware Dense Object Detector", eq. 2).
+    """Varifocal loss (Zhang et al. 2021, "VarifocalNet: An IoU-aware Dense Object Detector").
 
     VFL(p, q) = -q (q log p + (1 - q) log(1 - p)) for q > 0 and -alpha p^gamma log(1 - p)
     for q = 0: positives are weighted by their IoU target q (by 1 if not ``iou_weighted``),

@@ -305,35 +305,42 @@ def _softmax_focal(z: Tensor, target: Tensor, alpha: Tensor | None, gamma: float
                    label_smoothing: float, need_grad: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     """Per-row loss ``[...]``, per-row weight alpha_t (0 on ignored rows) and dloss_row/dz ``[..., C]``.
 
-    loss = alpha_t (1 - p_t)^gamma H, H = (1 - eps)(-log p_t) + eps/C * sum_j(-log p_j), so
-    gamma = 0 is exactly ``F.cross_entropy(weight=alpha, label_smoothing=eps)``. With u = 1 - p_t:
-        dloss/dz_j = alpha_t u^gamma [dH/dz_j - gamma H p_t (delta_tj - p_j) / u],
+    loss = (1 - p_t)^gamma H, H = (1 - eps) alpha_t (-log p_t) + eps/C * sum_j alpha_j (-log p_j)
+    (alpha = 1 when None), so gamma = 0 is exactly ``F.cross_entropy(weight=alpha,
+    label_smoothing=eps)``, which weights each smoothing term by its own class. With u = 1 - p_t:
+        dloss/dz_j = u^gamma [dH/dz_j - gamma H p_t (delta_tj - p_j) / u],
     where (delta_tj - p_j) / u is 1 for j = t and -p_j / u in [-1, 0] otherwise: bounded,
     so no u^(gamma - 1) ever appears.
     """
     num_classes = z.shape[-1]
     valid = target != ignore_index
+    valid_f = valid.to(z.dtype)
     index = torch.where(valid, target, torch.zeros_like(target)).unsqueeze(-1)  # [..., 1]
     log_p = torch.log_softmax(z, dim=-1)
     log_pt = log_p.gather(-1, index).squeeze(-1)
     u = -torch.expm1(log_pt)  # 1 - p_t, accurate near p_t = 1
-    h = -(1 - label_smoothing) * log_pt
-    if label_smoothing:
-        h = h - label_smoothing / num_classes * log_p.sum(-1)
-    weight = u.pow(gamma)
     a_t = torch.ones_like(log_pt) if alpha is None else alpha[index.squeeze(-1)]
-    a_t = a_t * valid.to(z.dtype)
-    loss = a_t * weight * h
+    a_t = a_t * valid_f
+    h = -(1 - label_smoothing) * a_t * log_pt
+    if label_smoothing:
+        smooth = log_p.sum(-1) if alpha is None else (log_p * alpha).sum(-1)
+        h = h - label_smoothing / num_classes * smooth * valid_f
+    weight = u.pow(gamma)
+    loss = weight * h
     if not need_grad:
         return loss, a_t, None
     p = log_p.exp()
     p_t = log_pt.exp()
     one_hot_t = torch.zeros_like(z).scatter_(-1, index, 1.0)
-    dh = p - (1 - label_smoothing) * one_hot_t - label_smoothing / num_classes
+    dh = (1 - label_smoothing) * a_t.unsqueeze(-1) * (p - one_hot_t)
+    if label_smoothing:
+        # d/dz_j sum_k alpha_k (-log p_k) = (sum_k alpha_k) p_j - alpha_j
+        alpha_sum, alpha_j = (num_classes, 1.0) if alpha is None else (alpha.sum(), alpha)
+        dh = dh + label_smoothing / num_classes * valid_f.unsqueeze(-1) * (alpha_sum * p - alpha_j)
     ratio = torch.where(u.unsqueeze(-1) > 0, -p / u.unsqueeze(-1), torch.zeros_like(p)).clamp(-1.0, 0.0)
     ratio = ratio.scatter(-1, index, 1.0)
     coef = (gamma * h * p_t).unsqueeze(-1)
-    grad = (a_t * weight).unsqueeze(-1) * (dh - coef * ratio)
+    grad = weight.unsqueeze(-1) * (dh - coef * ratio)
     return loss, a_t, grad
 
 

@@ -1,0 +1,185 @@
+"""Figures of the focal loss: the paper's Figure 1, its gradients, and FL against FL*.
+
+Every curve is computed with detfocal's own losses (and their gradients), so the figures
+double as a visual check of the implementation. matplotlib is imported only when a
+figure is drawn, so ``import detfocal`` does not need it.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+from torch import Tensor
+
+from .losses import sigmoid_focal_loss, sigmoid_focal_loss_star
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+# The gammas of Lin et al. 2017, Figure 1.
+FIGURE1_GAMMAS = (0.0, 0.5, 1.0, 2.0, 5.0)
+# FL* settings of the paper's appendix (33.8 and 33.9 AP), as (gamma, beta).
+FL_STAR_SETTINGS = ((2.0, 1.0), (4.0, 0.0))
+# logit(1) is inf, where the loss would be 0 * inf; sigmoid(40) rounds to 1 in fp64.
+_MAX_LOGIT = 40.0
+
+
+def _loss_and_grad(loss_fn, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Loss of each logit in ``x`` (target 1, one class) and dloss/dx from autograd."""
+    x = x.detach().clone().requires_grad_(True)
+    logits = x[:, None]  # [N] -> [N, 1]: N rows of one class
+    loss = loss_fn(logits, torch.ones_like(logits))[:, 0]
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    return loss.detach(), grad
+
+
+def focal_loss_curves(gammas: Sequence[float] = FIGURE1_GAMMAS,
+                      num_points: int = 1000) -> tuple[Tensor, dict[float, Tensor], dict[float, Tensor]]:
+    """FL(p_t) and |dFL/dx| on a grid of p_t in (0, 1], as in Lin et al. 2017, Figure 1.
+
+    Computed with :func:`~detfocal.losses.sigmoid_focal_loss` (alpha = -1, target 1) on
+    logits x = logit(p_t), in float64.
+
+    Args:
+        gammas: focusing parameters, one curve each.
+        num_points: grid size.
+
+    Returns:
+        ``(p_t [N], {gamma: loss [N]}, {gamma: |dloss/dx| [N]})``.
+    """
+    p_t = torch.linspace(0.0, 1.0, num_points + 1, dtype=torch.float64)[1:]  # drop p_t = 0 (loss inf)
+    x = torch.logit(p_t).clamp(max=_MAX_LOGIT)
+    losses, grads = {}, {}
+    for gamma in gammas:
+        loss, grad = _loss_and_grad(lambda z, t: sigmoid_focal_loss(z, t, alpha=-1, gamma=gamma), x)
+        losses[gamma], grads[gamma] = loss, grad.abs()
+    return p_t, losses, grads
+
+
+def fl_star_curves(x_range: tuple[float, float] = (-5.0, 5.0),
+                   num_points: int = 1000) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]:
+    """CE, FL (gamma = 2) and FL* (paper appendix settings) against x_t, with dloss/dx_t.
+
+    Args:
+        x_range: the x_t interval.
+        num_points: grid size.
+
+    Returns:
+        ``(x_t [N], {label: (loss [N], dloss/dx_t [N])})``; labels are mathtext strings.
+    """
+    x_t = torch.linspace(x_range[0], x_range[1], num_points, dtype=torch.float64)
+    curves = {
+        "CE": _loss_and_grad(lambda z, t: sigmoid_focal_loss(z, t, alpha=-1, gamma=0.0), x_t),
+        r"FL, $\gamma = 2$": _loss_and_grad(lambda z, t: sigmoid_focal_loss(z, t, alpha=-1, gamma=2.0), x_t),
+    }
+    for gamma, beta in FL_STAR_SETTINGS:
+        curves[rf"FL*, $\gamma = {gamma:g}, \beta = {beta:g}$"] = _loss_and_grad(
+            lambda z, t, g=gamma, b=beta: sigmoid_focal_loss_star(z, t, gamma=g, beta=b, alpha=-1), x_t)
+    return x_t, curves
+
+
+def _new_figure(**kwargs) -> "Figure":
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise ImportError("detfocal.plots needs matplotlib: pip install matplotlib") from exc
+    # Headless machines have no display. Leave the backend alone if pyplot is already in
+    # use (an interactive session or a notebook); Figure.savefig needs no pyplot either way.
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
+
+
+def _gamma_label(gamma: float) -> str:
+    return rf"$\gamma = {gamma:g}$"
+
+
+def figure_focal_loss(gammas: Sequence[float] = FIGURE1_GAMMAS) -> "Figure":
+    """Lin et al. 2017, Figure 1: FL against the probability of the ground-truth class."""
+    p_t, losses, _ = focal_loss_curves(gammas)
+    fig = _new_figure(figsize=(6.4, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    for gamma in gammas:
+        ax.plot(p_t.numpy(), losses[gamma].numpy(), label=_gamma_label(gamma), linewidth=2)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 5)
+    ax.set_xlabel("probability of ground truth class")
+    ax.set_ylabel("loss")
+    ax.legend(loc="upper right")
+    # The paper's annotation: the easy examples (p_t > .5) that FL down-weights.
+    ax.axvspan(0.6, 1.0, color="0.92", zorder=0)
+    ax.annotate("", xy=(1.0, 1.0), xytext=(0.6, 1.0), arrowprops={"arrowstyle": "<->", "color": "0.3"})
+    ax.text(0.8, 1.1, "well-classified\nexamples", ha="center", va="bottom")
+    ax.text(0.3, 4.3, r"CE$(p_t) = -\log(p_t)$", ha="center")
+    ax.text(0.3, 3.9, r"FL$(p_t) = -(1 - p_t)^\gamma \log(p_t)$", ha="center")
+    return fig
+
+
+def figure_focal_gradient(gammas: Sequence[float] = FIGURE1_GAMMAS) -> "Figure":
+    """The gradient magnitude |dFL/dx| against p_t (from autograd of detfocal's loss)."""
+    p_t, _, grads = focal_loss_curves(gammas)
+    fig = _new_figure(figsize=(6.4, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    for gamma in gammas:
+        ax.plot(p_t.numpy(), grads[gamma].numpy(), label=_gamma_label(gamma), linewidth=2)
+    ax.set_xlim(0, 1)
+    # Not capped at 1: for gamma >= 1 the slope exceeds CE's near p_t = 0 (about 1.3 at gamma = 5).
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("probability of ground truth class")
+    ax.set_ylabel(r"$|\partial\,\mathrm{FL} / \partial x|$")
+    ax.set_title("gradient w.r.t. the logit (CE: $1 - p_t$)")
+    ax.legend(loc="upper right")
+    return fig
+
+
+def figure_fl_star() -> "Figure":
+    """Lin et al. 2017, appendix Figures 5 and 6: CE, FL and FL* and their derivatives against x_t."""
+    x_t, curves = fl_star_curves()
+    fig = _new_figure(figsize=(11, 4.5), layout="constrained")
+    ax_loss, ax_grad = fig.subplots(1, 2)
+    for label, (loss, grad) in curves.items():
+        ax_loss.plot(x_t.numpy(), loss.numpy(), label=label, linewidth=2)
+        ax_grad.plot(x_t.numpy(), grad.numpy(), label=label, linewidth=2)
+    ax_loss.set_ylim(0, 5)
+    ax_loss.set_ylabel("loss")
+    ax_grad.set_ylabel(r"$d\,\mathrm{loss} / d x_t$")
+    for ax in (ax_loss, ax_grad):
+        ax.set_xlim(float(x_t[0]), float(x_t[-1]))
+        ax.set_xlabel(r"$x_t$")
+        ax.legend()
+    return fig
+
+
+def save_figure(fig: "Figure", out_dir: Path, name: str) -> list[Path]:
+    """Write ``fig`` as ``out_dir/name.png`` and ``out_dir/name.svg``; return both paths."""
+    paths = [Path(out_dir) / f"{name}.{ext}" for ext in ("png", "svg")]
+    for path in paths:
+        fig.savefig(path, dpi=150)
+    return paths
+
+
+def write_figures(out_dir: str | Path) -> list[Path]:
+    """Draw every figure into ``out_dir`` (created if missing), PNG and SVG each.
+
+    Args:
+        out_dir: output directory.
+
+    Returns:
+        The written paths: focal_loss (Figure 1), focal_gradient and fl_star, PNG then SVG.
+
+    Raises:
+        NotADirectoryError: ``out_dir`` exists and is not a directory.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"out_dir must be a directory, got the file {out_dir}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    for name, draw in (("focal_loss", figure_focal_loss), ("focal_gradient", figure_focal_gradient),
+                       ("fl_star", figure_fl_star)):
+        paths += save_figure(draw(), out_dir, name)
+    return paths
