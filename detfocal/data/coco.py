@@ -1,0 +1,198 @@
+"""COCO detection dataset that yields torchvision-detection targets with contiguous labels."""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import warnings
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+from pycocotools.coco import COCO
+from torchvision import tv_tensors
+from torchvision.datasets.vision import VisionDataset
+from torchvision.transforms.v2 import functional as F
+
+from detfocal.data.subset import AnnotationSource, describe_source, load_coco_annotations, make_subset
+
+
+class CocoDetection(torchvision.datasets.CocoDetection):
+    """COCO instances as ``(image, target)`` pairs for torchvision's detection models.
+
+    Category ids (which may have gaps, e.g. 1..90) map to contiguous labels in
+    [0, num_classes), in increasing id order; ``num_classes`` itself means background.
+
+    Each item is ``(image, target)``:
+        - image: float32 tensor [3, H, W] in [0, 1] (grayscale, RGBA and palette files become RGB).
+        - target["boxes"]: float32 [M, 4], xyxy in pixels of the (transformed) image.
+        - target["labels"]: int64 [M], contiguous labels.
+        - target["iscrowd"]: int64 [M]; crowd boxes stay in so the head can ignore their anchors.
+        - target["image_id"]: int, the COCO image id.
+        - target["orig_size"]: int64 [2], (H, W) of the file before transforms.
+
+    Boxes are clamped to the image; those with width or height <= 0 afterwards are dropped,
+    with one warning that counts them.
+
+    Args:
+        images_dir: folder that the images' ``file_name`` entries are relative to.
+        annotation_file: path to a COCO instances json, or a loaded COCO dict (used as is, not
+            copied, unless a filter applies).
+        transforms: callable ``(image, target) -> (image, target)`` on tv_tensors, such as
+            ``build_transforms(train=True)``. It receives a uint8 ``tv_tensors.Image`` and
+            ``BoundingBoxes``; a uint8 result is scaled to float [0, 1] afterwards.
+        categories: category names or ids to keep (see ``make_subset``); None keeps all.
+        max_images: keep at most this many images, sampled by ``seed``; None keeps all.
+        keep_empty: keep images without non-crowd boxes (negatives). When False they are
+            skipped, with one warning that counts them, and removed from ``coco`` too.
+        seed: seed of the ``max_images`` sampling.
+
+    Attributes:
+        coco: the pycocotools COCO object of the loaded (possibly filtered) annotations; use it
+            as the evaluator's ground truth.
+        label_to_category_id: list, ``label_to_category_id[label]`` is the COCO category id.
+        category_id_to_label: dict, the inverse mapping.
+        category_names: list of names, indexed by label.
+        num_classes: number of foreground classes.
+
+    Raises:
+        FileNotFoundError: the annotation file or ``images_dir`` does not exist; at item time, an
+            image file is missing (the message names the file and the annotation file).
+        ValueError: the annotations are malformed or reference an unknown image or category.
+
+    Example:
+        >>> dataset = CocoDetection("shapes/val", "shapes/annotations/instances_val.json")
+        >>> image, target = dataset[0]
+        >>> dataset.label_to_category_id[int(target["labels"][0])]
+        3
+    """
+
+    def __init__(
+        self,
+        images_dir: str | Path,
+        annotation_file: AnnotationSource,
+        transforms: Callable[[Any, Any], tuple[Any, Any]] | None = None,
+        categories: Sequence[str | int] | None = None,
+        max_images: int | None = None,
+        keep_empty: bool = True,
+        seed: int = 0,
+    ) -> None:
+        self.source = describe_source(annotation_file)
+        # torchvision's constructor only accepts a path, so the base class is skipped and the
+        # same attributes (root, transforms, coco, ids) are set here.
+        VisionDataset.__init__(self, root=str(images_dir), transforms=transforms)
+        if not Path(images_dir).is_dir():
+            raise FileNotFoundError(f"images_dir: {images_dir} is not a directory (annotations: {self.source})")
+
+        dataset = load_coco_annotations(annotation_file)
+        if categories is not None or max_images is not None:
+            dataset = make_subset(dataset, categories=categories, max_images=max_images, seed=seed)
+        self.label_to_category_id: list[int] = sorted(category["id"] for category in dataset["categories"])
+        self.category_id_to_label = {category_id: label for label, category_id in enumerate(self.label_to_category_id)}
+        names = {category["id"]: category["name"] for category in dataset["categories"]}
+        self.category_names: list[str] = [names[category_id] for category_id in self.label_to_category_id]
+
+        self._targets = self._build_targets(dataset)
+        if not keep_empty:
+            nonempty = [image_id for image_id, (_, _, iscrowd) in self._targets.items() if (iscrowd == 0).any()]
+            skipped = len(self._targets) - len(nonempty)
+            if skipped:
+                warnings.warn(f"CocoDetection: skipped {skipped} images without non-crowd boxes in "
+                              f"{self.source} (keep_empty=False)", stacklevel=2)
+                dataset = make_subset(dataset, image_ids=nonempty)
+                self._targets = {image_id: self._targets[image_id] for image_id in nonempty}
+
+        self.coco = COCO()
+        self.coco.dataset = dataset
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints "creating index..."
+            self.coco.createIndex()
+        self.ids = sorted(self.coco.imgs)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of foreground classes."""
+        return len(self.label_to_category_id)
+
+    def _build_targets(self, dataset: dict[str, Any]) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Convert every image's annotations once, so degenerate boxes are counted in one warning."""
+        per_image: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        for ann in dataset["annotations"]:
+            per_image[ann["image_id"]].append(ann)
+        targets = {}
+        num_dropped = 0
+        for image in dataset["images"]:
+            if "file_name" not in image:
+                raise ValueError(f"annotation_file: {self.source}: image id {image['id']} has no 'file_name'")
+            anns = per_image.get(image["id"], [])
+            boxes = np.array([ann["bbox"] for ann in anns], dtype=np.float64).reshape(-1, 4)
+            boxes[:, 2:] += boxes[:, :2]  # (x, y, w, h) -> (x1, y1, x2, y2)
+            if "width" in image and "height" in image:
+                boxes[:, 0::2] = boxes[:, 0::2].clip(0, image["width"])
+                boxes[:, 1::2] = boxes[:, 1::2].clip(0, image["height"])
+            keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+            num_dropped += int((~keep).sum())
+            labels = np.array([self.category_id_to_label[ann["category_id"]] for ann in anns], dtype=np.int64)
+            iscrowd = np.array([int(ann.get("iscrowd", 0)) for ann in anns], dtype=np.int64)
+            targets[image["id"]] = (boxes[keep].astype(np.float32), labels[keep], iscrowd[keep])
+        if num_dropped:
+            warnings.warn(f"CocoDetection: dropped {num_dropped} degenerate boxes (width or height <= 0 "
+                          f"after clamping to the image) from {self.source}", stacklevel=3)
+        return targets
+
+    def _load_image(self, image_id: int) -> Image.Image:
+        info = self.coco.imgs[image_id]
+        path = os.path.join(self.root, info["file_name"])
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"image file {path} (image id {image_id}) listed in {self.source} does not exist")
+        with Image.open(path) as image:
+            # A palette with a transparent colour must go through RGBA, or PIL warns on convert.
+            if image.mode == "P" and "transparency" in image.info:
+                image = image.convert("RGBA")
+            image = image.convert("RGB")
+        if "width" in info and "height" in info and image.size != (info["width"], info["height"]):
+            raise ValueError(f"image file {path} is {image.size[0]}x{image.size[1]} but {self.source} "
+                             f"says {info['width']}x{info['height']}; its boxes would not match")
+        return image
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        image_id = self.ids[index]
+        pil_image = self._load_image(image_id)
+        width, height = pil_image.size
+        boxes, labels, iscrowd = self._targets[image_id]
+        image: Any = F.to_image(pil_image)
+        target: dict[str, Any] = {
+            # BoundingBoxes so that v2 transforms move the boxes with the image.
+            "boxes": tv_tensors.BoundingBoxes(torch.from_numpy(boxes.copy()), format="XYXY", canvas_size=(height, width)),
+            "labels": torch.from_numpy(labels.copy()),
+            "iscrowd": torch.from_numpy(iscrowd.copy()),
+            "image_id": int(image_id),
+            "orig_size": torch.tensor([height, width], dtype=torch.int64),
+        }
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        if not torch.is_floating_point(image):
+            image = F.to_dtype(image, torch.float32, scale=True)
+        # Plain tensors from here on: the model does arithmetic on them and needs no metadata.
+        target["boxes"] = target["boxes"].as_subclass(torch.Tensor).to(torch.float32)
+        return image.as_subclass(torch.Tensor), target
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def collate_fn(batch: Sequence[tuple[Any, Any]]) -> tuple[list[Any], list[Any]]:
+    """Collate detection items into ``(images, targets)`` lists; sizes differ, so no stacking.
+
+    Args:
+        batch: sequence of ``(image, target)`` items.
+
+    Returns:
+        ``(list of images, list of targets)``.
+    """
+    images = [item[0] for item in batch]
+    targets = [item[1] for item in batch]
+    return images, targets

@@ -1,0 +1,217 @@
+"""Load, validate and subset COCO annotation dicts, keeping the original ids."""
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import random
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+AnnotationSource = str | Path | Mapping[str, Any]
+
+# Keys each entry must carry for pycocotools to index it and for us to build targets.
+_REQUIRED_KEYS = {
+    "images": ("id",),
+    "annotations": ("id", "image_id", "category_id", "bbox"),
+    "categories": ("id", "name"),
+}
+
+
+def describe_source(annotation_file: AnnotationSource) -> str:
+    """Name an annotation source for error messages: its path, or ``<annotation dict>``."""
+    return "<annotation dict>" if isinstance(annotation_file, Mapping) else str(annotation_file)
+
+
+def load_coco_annotations(annotation_file: AnnotationSource) -> dict[str, Any]:
+    """Load a COCO annotation file (or take a loaded dict) and check that it is consistent.
+
+    Args:
+        annotation_file: path to a COCO instances json, or the already-loaded dict. A dict is
+            returned as is, not copied.
+
+    Returns:
+        The COCO dict, with "images", "annotations" and "categories" lists.
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        ValueError: the json is not valid, a top-level list or a required key of an entry is
+            missing, ids are duplicated, or an annotation references an unknown image or category.
+    """
+    source = describe_source(annotation_file)
+    if isinstance(annotation_file, Mapping):
+        dataset = annotation_file
+    else:
+        path = Path(annotation_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"annotation_file: {source} does not exist or is not a file")
+        try:
+            with path.open("r", encoding="utf-8") as handle:
+                dataset = json.load(handle)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"annotation_file: {source} is not valid json ({exc})") from None
+    if not isinstance(dataset, Mapping):
+        raise ValueError(f"annotation_file: {source} holds a {type(dataset).__name__}, expected a COCO dict")
+    validate_coco_annotations(dataset, source)
+    return dataset  # type: ignore[return-value]
+
+
+def validate_coco_annotations(dataset: Mapping[str, Any], source: str = "<annotation dict>") -> None:
+    """Raise a ValueError naming the first problem in a COCO dict (see ``load_coco_annotations``)."""
+    for key, required in _REQUIRED_KEYS.items():
+        if key not in dataset:
+            raise ValueError(f"annotation_file: {source} has no {key!r} list (found keys {sorted(dataset)})")
+        if not isinstance(dataset[key], list):
+            raise ValueError(f"annotation_file: {source}: {key!r} is a {type(dataset[key]).__name__}, expected a list")
+        for index, entry in enumerate(dataset[key]):
+            missing = [name for name in required if not isinstance(entry, Mapping) or name not in entry]
+            if missing:
+                raise ValueError(f"annotation_file: {source}: {key}[{index}] has no {missing} (entry: {entry!r:.200})")
+        duplicates = [i for i, n in Counter(entry["id"] for entry in dataset[key]).items() if n > 1]
+        if duplicates:
+            raise ValueError(f"annotation_file: {source}: {len(duplicates)} duplicated ids in {key!r}, e.g. {duplicates[:5]}")
+
+    image_ids = {image["id"] for image in dataset["images"]}
+    category_ids = {category["id"] for category in dataset["categories"]}
+    for field, known, where in (("image_id", image_ids, "images"), ("category_id", category_ids, "categories")):
+        bad = [ann for ann in dataset["annotations"] if ann[field] not in known]
+        if bad:
+            raise ValueError(
+                f"annotation_file: {source}: {len(bad)} annotations reference a {field} that is not in "
+                f"{where!r}, e.g. annotation id {bad[0]['id']} has {field} {bad[0][field]!r}"
+            )
+    for ann in dataset["annotations"]:
+        bbox = ann["bbox"]
+        if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+            raise ValueError(f"annotation_file: {source}: annotation id {ann['id']} has bbox {bbox!r}, expected [x, y, w, h]")
+
+
+def resolve_categories(dataset: Mapping[str, Any], categories: Sequence[str | int] | str | int) -> list[int]:
+    """Map category names or ids to ids, in the order of the dataset's category list.
+
+    Raises:
+        ValueError: a name is unknown (the message lists close matches) or an id is unknown.
+    """
+    if isinstance(categories, (str, int)):
+        categories = [categories]
+    if len(categories) == 0:
+        raise ValueError("categories: expected at least one name or id, got an empty list (use None to keep all)")
+    by_name = {category["name"]: category["id"] for category in dataset["categories"]}
+    known_ids = [category["id"] for category in dataset["categories"]]
+    wanted: set[int] = set()
+    for item in categories:
+        if isinstance(item, str):
+            if item not in by_name:
+                close = difflib.get_close_matches(item, list(by_name), n=5, cutoff=0.6)
+                hint = f"close matches: {', '.join(close)}" if close else f"known names: {', '.join(list(by_name)[:20])}"
+                raise ValueError(f"categories: unknown category name {item!r}; {hint}")
+            wanted.add(by_name[item])
+        elif isinstance(item, int) and not isinstance(item, bool):
+            if item not in known_ids:
+                raise ValueError(f"categories: unknown category id {item}; known ids: {known_ids}")
+            wanted.add(item)
+        else:
+            raise ValueError(f"categories: expected names (str) or ids (int), got {item!r}")
+    return [category_id for category_id in known_ids if category_id in wanted]
+
+
+def make_subset(
+    annotation_file: AnnotationSource,
+    categories: Sequence[str | int] | None = None,
+    max_images: int | None = None,
+    image_ids: Sequence[int] | None = None,
+    min_annotations: int = 0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Return a COCO dict restricted to some categories and images, with the original ids kept.
+
+    Filters apply in this order: categories (annotations of other categories are removed),
+    ``image_ids``, ``min_annotations``, then ``max_images``. Images without annotations of the
+    kept categories stay unless ``min_annotations`` > 0: they are the negatives.
+
+    Args:
+        annotation_file: path to a COCO instances json, or a loaded COCO dict (not modified).
+        categories: category names and/or ids to keep; None keeps all.
+        max_images: keep at most this many images, sampled with ``random.Random(seed)``; None
+            keeps all.
+        image_ids: keep only these images; None keeps all.
+        min_annotations: keep only images with at least this many non-crowd annotations of the
+            kept categories.
+        seed: seed of the ``max_images`` sampling; the same seed gives the same subset.
+
+    Returns:
+        A new COCO dict with "info" and "licenses" copied through and "images", "annotations"
+        and "categories" filtered consistently (no id points outside the dict). The entries are
+        new dicts; their nested values (bbox lists, segmentations) are shared with the input.
+
+    Raises:
+        FileNotFoundError: the annotation file does not exist.
+        ValueError: the annotations are malformed, a category name or id is unknown (names list
+            close matches), an image id is unknown, or a count is negative.
+
+    Example:
+        >>> sub = make_subset("instances_val2014.json", categories=["person", "dog"], max_images=500)
+    """
+    dataset = load_coco_annotations(annotation_file)
+    if max_images is not None and (isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 0):
+        raise ValueError(f"max_images: expected a non-negative int or None, got {max_images!r}")
+    if isinstance(min_annotations, bool) or not isinstance(min_annotations, int) or min_annotations < 0:
+        raise ValueError(f"min_annotations: expected a non-negative int, got {min_annotations!r}")
+
+    category_ids = set(resolve_categories(dataset, categories) if categories is not None else
+                       (category["id"] for category in dataset["categories"]))
+    annotations = [ann for ann in dataset["annotations"] if ann["category_id"] in category_ids]
+
+    kept_ids = [image["id"] for image in dataset["images"]]
+    if image_ids is not None:
+        known = set(kept_ids)
+        unknown = [image_id for image_id in image_ids if image_id not in known]
+        if unknown:
+            raise ValueError(f"image_ids: {len(unknown)} ids are not in the annotation file, e.g. {unknown[:5]}")
+        wanted = set(image_ids)
+        kept_ids = [image_id for image_id in kept_ids if image_id in wanted]
+    if min_annotations > 0:
+        counts = Counter(ann["image_id"] for ann in annotations if not ann.get("iscrowd", 0))
+        kept_ids = [image_id for image_id in kept_ids if counts[image_id] >= min_annotations]
+    if max_images is not None and max_images < len(kept_ids):
+        # Sample from the sorted ids so the subset depends on the seed, not on the file's order.
+        sampled = set(random.Random(seed).sample(sorted(kept_ids), max_images))
+        kept_ids = [image_id for image_id in kept_ids if image_id in sampled]
+
+    kept = set(kept_ids)
+    subset: dict[str, Any] = {}
+    for key in ("info", "licenses"):
+        if key in dataset:
+            subset[key] = dataset[key]
+    subset["images"] = [dict(image) for image in dataset["images"] if image["id"] in kept]
+    subset["annotations"] = [dict(ann) for ann in annotations if ann["image_id"] in kept]
+    subset["categories"] = [dict(category) for category in dataset["categories"] if category["id"] in category_ids]
+    return subset
+
+
+def summarize_subset(dataset: Mapping[str, Any]) -> str:
+    """One line: ``N images, M annotations, K categories``."""
+    return (f"{len(dataset['images'])} images, {len(dataset['annotations'])} annotations, "
+            f"{len(dataset['categories'])} categories")
+
+
+def write_json_atomic(path: str | Path, payload: Any) -> Path:
+    """Write json so that readers see the old file or the complete new one, never a partial one.
+
+    Returns:
+        The path written; its parent folders are created.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
+                                         delete=False, encoding="utf-8")
+    try:
+        with handle:
+            json.dump(payload, handle, separators=(",", ":"))
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+    return path

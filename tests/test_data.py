@@ -1,0 +1,382 @@
+"""detfocal.data: CocoDetection, transforms, make_subset, the shapes generator and their tools."""
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+from torchvision import tv_tensors
+
+from detfocal.data import CocoDetection, build_transforms, collate_fn, make_subset, shapes
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = Path(__file__).resolve().parent / "data" / "instances_val2014_100.json"
+SIZE = 64
+
+
+def _ann(ann_id, image_id, category_id, bbox, iscrowd=0):
+    return {"id": ann_id, "image_id": image_id, "category_id": category_id, "bbox": bbox,
+            "area": bbox[2] * bbox[3], "iscrowd": iscrowd}
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """Five 64 px images in several PIL modes, categories {3, 7, 90}, a crowd box, an empty
+    image and two degenerate boxes."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(SIZE, SIZE, 4), dtype=np.uint8)
+    files = {
+        1: Image.fromarray(pixels[..., :3], "RGB"),
+        2: Image.fromarray(pixels[..., 0], "L"),
+        3: Image.fromarray(pixels, "RGBA"),
+        4: Image.fromarray(pixels[..., :3], "RGB").convert("P"),
+        5: Image.fromarray(pixels[..., :3], "RGB"),
+    }
+    for image_id, image in files.items():
+        image.save(tmp_path / f"{image_id}.png")
+    dataset = {
+        "images": [{"id": i, "file_name": f"{i}.png", "width": SIZE, "height": SIZE} for i in files],
+        "categories": [{"id": 90, "name": "toothbrush"}, {"id": 3, "name": "car"}, {"id": 7, "name": "train"}],
+        "annotations": [
+            _ann(1, 1, 90, [10, 5, 20, 15]),
+            _ann(2, 1, 3, [0, 0, 64, 64], iscrowd=1),
+            _ann(3, 2, 7, [30, 30, 10, 20]),
+            _ann(4, 2, 3, [5, 5, 0, 10]),  # zero width: dropped
+            _ann(5, 3, 7, [1, 2, 3, 4]),
+            _ann(6, 3, 90, [70, 10, 5, 5]),  # entirely right of the image: empty after clamping
+            _ann(7, 4, 3, [2, 3, 40, 50]),
+        ],  # image 5 has no annotations
+    }
+    return tmp_path, dataset
+
+
+def _dataset(tiny, **kwargs):
+    images_dir, dataset = tiny
+    with pytest.warns(UserWarning, match="dropped 2 degenerate boxes"):
+        return CocoDetection(images_dir, dataset, **kwargs)
+
+
+def test_category_ids_map_to_contiguous_labels_and_back(tiny):
+    dataset = _dataset(tiny)
+    assert dataset.label_to_category_id == [3, 7, 90]
+    assert dataset.category_names == ["car", "train", "toothbrush"]
+    assert dataset.num_classes == 3
+    expected = {1: ([[10, 5, 30, 20], [0, 0, 64, 64]], [90, 3]), 2: ([[30, 30, 40, 50]], [7]),
+                3: ([[1, 2, 4, 6]], [7]), 4: ([[2, 3, 42, 53]], [3]), 5: ([], [])}
+    for index in range(len(dataset)):
+        _, target = dataset[index]
+        boxes, category_ids = expected[target["image_id"]]
+        assert target["labels"].dtype == torch.int64
+        assert [dataset.label_to_category_id[label] for label in target["labels"].tolist()] == category_ids
+        torch.testing.assert_close(target["boxes"], torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+
+
+def test_crowd_boxes_stay_flagged_and_empty_images_give_empty_targets(tiny):
+    dataset = _dataset(tiny)
+    targets = {target["image_id"]: target for _, target in (dataset[i] for i in range(len(dataset)))}
+    assert targets[1]["iscrowd"].tolist() == [0, 1]
+    assert targets[5]["boxes"].shape == (0, 4) and targets[5]["labels"].shape == (0,)
+    assert targets[5]["iscrowd"].shape == (0,)
+
+
+def test_degenerate_boxes_are_dropped_with_one_warning_counting_them(tiny):
+    images_dir, dataset = tiny
+    with pytest.warns(UserWarning) as record:
+        CocoDetection(images_dir, dataset)
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 1 and "dropped 2 degenerate boxes" in messages[0]
+
+
+def test_grayscale_rgba_and_palette_files_become_rgb_floats(tiny):
+    images_dir, _ = tiny
+    dataset = _dataset(tiny)
+    for index in range(len(dataset)):
+        image, target = dataset[index]
+        reference = Image.open(images_dir / f"{target['image_id']}.png").convert("RGB")
+        expected = torch.from_numpy(np.asarray(reference).copy()).permute(2, 0, 1).float() / 255
+        assert image.dtype == torch.float32 and image.shape == (3, SIZE, SIZE)
+        torch.testing.assert_close(image, expected)
+        assert target["orig_size"].tolist() == [SIZE, SIZE]
+
+
+def test_keep_empty_false_skips_images_without_boxes_and_counts_them(tiny):
+    images_dir, dataset = tiny
+    with pytest.warns(UserWarning) as record:
+        subset = CocoDetection(images_dir, dataset, keep_empty=False)
+    # Image 3 keeps a box (the other is degenerate); image 5 has none.
+    assert any("skipped 1 images" in str(w.message) for w in record)
+    assert sorted(subset.coco.getImgIds()) == subset.ids == [1, 2, 3, 4]
+
+
+def test_categories_and_max_images_filter_through_make_subset(tiny):
+    images_dir, dataset = tiny
+    subset = CocoDetection(images_dir, dataset, categories=["train"])
+    assert subset.label_to_category_id == [7] and subset.category_names == ["train"]
+    assert len(CocoDetection(images_dir, dataset, categories=[7], max_images=2, seed=1)) == 2
+    assert dataset["categories"][0]["id"] == 90  # the caller's dict is untouched
+
+
+def test_coco_attribute_is_the_ground_truth_of_the_items(tiny):
+    dataset = _dataset(tiny)
+    assert dataset.ids == sorted(dataset.coco.getImgIds()) == [1, 2, 3, 4, 5]
+    assert len(dataset.coco.getAnnIds()) == 7
+
+
+def test_collate_fn_returns_a_tuple_of_lists(tiny):
+    dataset = _dataset(tiny)
+    images, targets = collate_fn([dataset[0], dataset[1]])
+    assert isinstance(images, list) and isinstance(targets, list) and len(images) == len(targets) == 2
+
+
+def test_missing_image_file_names_the_file_and_the_annotation_file(tiny, tmp_path):
+    images_dir, dataset = tiny
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps(dataset))
+    (images_dir / "2.png").unlink()
+    with pytest.warns(UserWarning):
+        coco = CocoDetection(images_dir, path)
+    with pytest.raises(FileNotFoundError, match=r"2\.png.*ann\.json"):
+        coco[1]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda d: d.pop("images"), "no 'images'"),
+        (lambda d: d["annotations"][0].update(image_id=999), "image_id.*999"),
+        (lambda d: d["annotations"][0].update(category_id=5), "category_id.*5"),
+        (lambda d: d["annotations"][0].pop("bbox"), r"annotations\[0\] has no \['bbox'\]"),
+    ],
+)
+def test_malformed_annotations_raise_value_error_saying_what_is_wrong(tiny, change, message):
+    images_dir, dataset = tiny
+    change(dataset)
+    with pytest.raises(ValueError, match=message):
+        CocoDetection(images_dir, dataset)
+
+
+def test_missing_annotation_file_raises_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        CocoDetection(tmp_path, tmp_path / "nope.json")
+
+
+# --- transforms ---------------------------------------------------------------------------------
+
+def _sample(boxes, labels, iscrowd, width=SIZE, height=48):
+    image = tv_tensors.Image(torch.arange(3 * height * width, dtype=torch.uint8).reshape(3, height, width))
+    target = {"boxes": tv_tensors.BoundingBoxes(torch.tensor(boxes, dtype=torch.float32), format="XYXY",
+                                                canvas_size=(height, width)),
+              "labels": torch.tensor(labels), "iscrowd": torch.tensor(iscrowd)}
+    return image, target
+
+
+def test_hflip_mirrors_boxes_and_pixels():
+    image, target = _sample([[10, 5, 30, 20], [0, 0, 64, 48]], [0, 1], [0, 1])
+    flipped, out = build_transforms(train=True, hflip=1.0)(image, target)
+    # x -> W - x, so [x1, x2] = [10, 30] becomes [64 - 30, 64 - 10].
+    torch.testing.assert_close(out["boxes"].as_subclass(torch.Tensor), torch.tensor([[34.0, 5, 54, 20], [0, 0, 64, 48]]))
+    torch.testing.assert_close(flipped, image.flip(-1).float() / 255)
+    assert out["labels"].tolist() == [0, 1] and out["iscrowd"].tolist() == [0, 1]
+
+
+def test_sanitize_removes_small_boxes_with_their_labels_and_iscrowd():
+    image, target = _sample([[0, 0, 10, 10], [5, 5, 5.5, 20], [20, 20, 40, 40]], [0, 1, 2], [1, 1, 0])
+    _, out = build_transforms(train=True, hflip=0.0)(image, target)
+    assert out["labels"].tolist() == [0, 2] and out["iscrowd"].tolist() == [1, 0]
+
+
+def test_random_augmentations_keep_labels_and_iscrowd_aligned_with_boxes():
+    transform = build_transforms(train=True, hflip=0.5, scale_jitter=(0.5, 1.5), photometric=True)
+    labels = list(range(8))
+    boxes = [[4 * k, 3 * k, 4 * k + 20, 3 * k + 12] for k in labels]
+    for _ in range(20):
+        _, out = transform(*_sample(boxes, labels, [k % 2 for k in labels]))
+        assert len(out["boxes"]) == len(out["labels"]) == len(out["iscrowd"])
+        assert out["iscrowd"].tolist() == [k % 2 for k in out["labels"].tolist()]
+
+
+def test_eval_transforms_only_scale_the_image():
+    image, target = _sample([[10, 5, 30, 20]], [0], [0])
+    out_image, out = build_transforms(train=False)(image, target)
+    torch.testing.assert_close(out["boxes"].as_subclass(torch.Tensor), torch.tensor([[10.0, 5, 30, 20]]))
+    torch.testing.assert_close(out_image, image.float() / 255)
+
+
+@pytest.mark.parametrize("kwargs, name", [({"hflip": 1.5}, "hflip"), ({"scale_jitter": (1.2, 0.8)}, "scale_jitter")])
+def test_build_transforms_rejects_bad_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        build_transforms(train=True, **kwargs)
+
+
+# --- make_subset on the real COCO sample ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sample_coco():
+    coco = COCO()
+    coco.dataset = json.loads(SAMPLE.read_text())
+    coco.createIndex()
+    return coco
+
+
+def _assert_consistent(subset):
+    image_ids = {image["id"] for image in subset["images"]}
+    category_ids = {category["id"] for category in subset["categories"]}
+    assert all(ann["image_id"] in image_ids and ann["category_id"] in category_ids for ann in subset["annotations"])
+    coco = COCO()
+    coco.dataset = subset
+    coco.createIndex()  # pycocotools indexes it
+
+
+def test_make_subset_by_category_names_keeps_those_annotations(sample_coco):
+    subset = make_subset(SAMPLE, categories=["person", "dog"])
+    _assert_consistent(subset)
+    assert [c["id"] for c in subset["categories"]] == [1, 18]
+    assert sorted(a["id"] for a in subset["annotations"]) == sorted(sample_coco.getAnnIds(catIds=[1, 18]))
+    assert len(subset["images"]) == 100  # images without people or dogs stay as negatives
+    assert subset["info"] == sample_coco.dataset["info"] and subset["licenses"] == sample_coco.dataset["licenses"]
+
+
+def test_make_subset_max_images_is_deterministic_by_seed(sample_coco):
+    first = make_subset(SAMPLE, max_images=10, seed=3)
+    _assert_consistent(first)
+    image_ids = [image["id"] for image in first["images"]]
+    assert len(image_ids) == 10 and image_ids == [image["id"] for image in make_subset(SAMPLE, max_images=10, seed=3)["images"]]
+    assert image_ids != [image["id"] for image in make_subset(SAMPLE, max_images=10, seed=4)["images"]]
+    assert sorted(a["id"] for a in first["annotations"]) == sorted(sample_coco.getAnnIds(imgIds=image_ids))
+    assert len(first["categories"]) == 80
+
+
+def test_make_subset_image_ids_and_min_annotations(sample_coco):
+    chosen = sample_coco.getImgIds()[:5]
+    subset = make_subset(sample_coco.dataset, image_ids=chosen, categories=[1], min_annotations=1)
+    _assert_consistent(subset)
+    expected = [i for i in chosen if sample_coco.getAnnIds(imgIds=[i], catIds=[1], iscrowd=False)]
+    assert sorted(image["id"] for image in subset["images"]) == sorted(expected)
+
+
+def test_make_subset_leaves_the_input_dict_unchanged(sample_coco):
+    before = copy.deepcopy(sample_coco.dataset)
+    subset = make_subset(sample_coco.dataset, categories=["cat"], max_images=3)
+    subset["images"][0]["id"] = -1
+    assert sample_coco.dataset == before
+
+
+def test_unknown_category_name_lists_close_matches():
+    with pytest.raises(ValueError, match="unknown category name 'persn'.*close matches: person"):
+        make_subset(SAMPLE, categories=["persn"])
+
+
+@pytest.mark.parametrize("kwargs, message", [({"categories": [1000]}, "unknown category id 1000"),
+                                             ({"image_ids": [-5]}, r"image_ids.*\[-5\]"),
+                                             ({"max_images": -1}, "max_images")])
+def test_make_subset_rejects_unknown_ids_and_bad_counts(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_subset(SAMPLE, **kwargs)
+
+
+# --- the shapes dataset ---------------------------------------------------------------------------
+
+TINY_SHAPES = {"num_train": 4, "num_val": 2, "image_size": 64}
+
+
+def test_shapes_generate_is_byte_identical_across_runs(tmp_path):
+    first = shapes.generate(tmp_path / "a", seed=5, **TINY_SHAPES)
+    shapes.generate(tmp_path / "b", seed=5, **TINY_SHAPES)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert len(files) == 4 + 2 + 2
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    assert first["val_annotations"] == tmp_path / "a" / "annotations" / "instances_val.json"
+
+
+def test_shapes_json_is_valid_coco_with_non_contiguous_ids(tmp_path):
+    paths = shapes.generate(tmp_path, seed=1, **TINY_SHAPES)
+    coco = COCO(str(paths["train_annotations"]))
+    assert coco.getCatIds() == [1, 3, 7, 12, 20]
+    for ann in coco.loadAnns(coco.getAnnIds()):
+        x, y, w, h = ann["bbox"]
+        assert 0 <= x and 0 <= y and x + w <= 64 and y + h <= 64 and w > 0 and h > 0 and 0 < ann["area"] <= w * h
+    dataset = CocoDetection(paths["train_images"], paths["train_annotations"])
+    assert dataset.num_classes == 5 and dataset[0][0].shape == (3, 64, 64)
+
+
+def test_shapes_generate_reuses_files_written_with_the_same_parameters(tmp_path):
+    paths = shapes.generate(tmp_path, **TINY_SHAPES)
+    stamp = paths["train_annotations"].stat().st_mtime_ns
+    shapes.generate(tmp_path, **TINY_SHAPES)
+    assert paths["train_annotations"].stat().st_mtime_ns == stamp
+    shapes.generate(tmp_path, **{**TINY_SHAPES, "num_train": 5})
+    assert len(json.loads(paths["train_annotations"].read_text())["images"]) == 5
+
+
+def test_shapes_rare_class_and_empty_images_are_about_five_percent():
+    counts: Counter = Counter()
+    num_empty = 0
+    for index in range(400):
+        _, objects = shapes.render_image(np.random.default_rng([0, 0, index]), 64, 6, 8)
+        counts.update(obj["category_id"] for obj in objects)
+        num_empty += not objects
+    assert 0.03 <= counts[12] / sum(counts.values()) <= 0.08  # "star", id 12
+    assert 0.025 <= num_empty / 400 <= 0.085
+    assert set(counts) == {1, 3, 7, 12, 20}
+
+
+def test_shapes_generate_rejects_bad_sizes(tmp_path):
+    with pytest.raises(ValueError, match="image_size"):
+        shapes.generate(tmp_path, image_size=8)
+
+
+# --- command-line tools ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tool_runs(tmp_path_factory):
+    """Run the tools once each, in parallel: most of their time is importing torch."""
+    out = tmp_path_factory.mktemp("tools")
+    commands = {
+        "subset": ["tools/make_subset.py", str(SAMPLE), "--categories", "person,18", "--max-images", "7",
+                   "--out", str(out / "sub.json")],
+        "bad_category": ["tools/make_subset.py", str(SAMPLE), "--categories", "persn", "--out", str(out / "x.json")],
+        "shapes": ["tools/make_shapes.py", "--out", str(out / "shapes"), "--num-train", "3", "--num-val", "2",
+                   "--image-size", "64", "--no-progress"],
+    }
+    processes = {name: subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True) for name, args in commands.items()}
+    results = {}
+    for name, process in processes.items():
+        stdout, stderr = process.communicate(timeout=120)
+        results[name] = (process.returncode, stdout, stderr)
+    return out, results
+
+
+@pytest.mark.slow
+def test_make_subset_tool_writes_the_subset_and_a_one_line_summary(tool_runs):
+    out, results = tool_runs
+    returncode, stdout, stderr = results["subset"]
+    assert returncode == 0, stderr
+    subset = json.loads((out / "sub.json").read_text())
+    assert stdout.strip() == f"{out / 'sub.json'}: 7 images, {len(subset['annotations'])} annotations, 2 categories"
+    assert subset == make_subset(SAMPLE, categories=["person", 18], max_images=7)
+
+
+@pytest.mark.slow
+def test_make_subset_tool_reports_a_bad_category_on_one_line(tool_runs):
+    out, results = tool_runs
+    returncode, _, stderr = results["bad_category"]
+    assert returncode != 0 and not (out / "x.json").exists()
+    assert stderr.strip().splitlines() == [stderr.strip()]
+    assert stderr.startswith("error: ") and "person" in stderr
+
+
+@pytest.mark.slow
+def test_make_shapes_tool_generates_the_dataset(tool_runs):
+    out, results = tool_runs
+    returncode, stdout, stderr = results["shapes"]
+    assert returncode == 0, stderr
+    assert "train: 3 images" in stdout and len(list((out / "shapes" / "val").glob("*.png"))) == 2
