@@ -1,0 +1,145 @@
+"""Backbones for RetinaNet: torchvision classifiers as C3-C5 feature extractors plus an FPN giving P3-P7.
+
+A ``BACKBONES`` entry is called as ``f(weights=..., trainable_layers=..., fpn_channels=...)``
+and returns ``(module giving 5 maps P3-P7 as a dict, out_channels)``. Trained from scratch,
+a backbone uses trainable BatchNorm; with pretrained weights it uses FrozenBatchNorm2d,
+as torchvision does.
+"""
+from __future__ import annotations
+
+import os
+from functools import partial
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models import WeightsEnum
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+from .registry import BACKBONES
+
+__all__ = ["resolve_backbone_weights"]
+
+
+# --------------------------------------------------------------------------------------
+def resolve_backbone_weights(backbone: str, weights: str | os.PathLike | WeightsEnum | None
+                             ) -> WeightsEnum | Path | None:
+    """Read ``weights_backbone`` for torchvision model ``backbone`` (e.g. "resnet50"); no download.
+
+    Args:
+        backbone: torchvision model name.
+        weights: "ResNet50_Weights.IMAGENET1K_V1" (or ``.DEFAULT``), a ``WeightsEnum``
+            member, a path to a ``.pth``/``.pt`` state dict, or None.
+
+    Returns:
+        The weights enum member (torchvision downloads it when the backbone is built), the
+        checkpoint's ``Path``, or None.
+
+    Raises:
+        ValueError: an unknown weights name, or weights made for another architecture.
+        FileNotFoundError: a checkpoint path that does not exist.
+    """
+    if weights is None or isinstance(weights, WeightsEnum):
+        resolved = weights
+    else:
+        text = str(weights)
+        if isinstance(weights, os.PathLike) or text.endswith((".pth", ".pt")) or os.sep in text:
+            path = Path(text).expanduser()
+            if not path.is_file():
+                raise FileNotFoundError(f"weights_backbone: no checkpoint file at {str(path)!r}")
+            return path
+        try:
+            resolved = torchvision.models.get_weight(text)
+        except (KeyError, ValueError):
+            raise ValueError(f"weights_backbone={text!r} is neither a torchvision weights name such as "
+                             f"'ResNet50_Weights.IMAGENET1K_V1' nor a path to a .pth file") from None
+    if resolved is not None:
+        expected = torchvision.models.get_model_weights(backbone)
+        if not isinstance(resolved, expected):
+            raise ValueError(f"weights_backbone={resolved} does not fit backbone {backbone!r}; expected a member of "
+                             f"{expected.__name__}, e.g. {expected.__name__}.DEFAULT")
+    return resolved
+
+
+def _classifier(name: str, weights: WeightsEnum | Path | None, **kwargs: Any) -> nn.Module:
+    """The torchvision classification network, with pretrained weights from the zoo or a file."""
+    net = torchvision.models.get_model(name, weights=weights if isinstance(weights, WeightsEnum) else None, **kwargs)
+    if isinstance(weights, Path):
+        state_dict = torch.load(weights, map_location="cpu", weights_only=True)
+        if isinstance(state_dict, Mapping) and isinstance(state_dict.get("model"), Mapping):
+            state_dict = state_dict["model"]
+        result = net.load_state_dict(state_dict, strict=False)
+        # The classifier (fc / classifier) is dropped by the FPN extractor, so it may be absent.
+        missing = [key for key in result.missing_keys if not key.startswith(("fc.", "classifier."))]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"weights_backbone={str(weights)!r} is not a {name} state dict: missing keys "
+                             f"{missing[:5]}, unexpected keys {result.unexpected_keys[:5]}")
+    return net
+
+
+def _check_trainable(trainable_layers: int | None, pretrained: bool, max_value: int, default: int) -> int:
+    """torchvision's defaults (all layers from scratch, ``default`` pretrained); explicit values win."""
+    if trainable_layers is None:
+        return default if pretrained else max_value
+    if not 0 <= trainable_layers <= max_value:
+        raise ValueError(f"trainable_backbone_layers must be in [0, {max_value}], got {trainable_layers}")
+    return trainable_layers
+
+
+def _resnet_fpn(name: str, *, weights: str | os.PathLike | WeightsEnum | None = None,
+                trainable_layers: int | None = None, fpn_channels: int = 256) -> tuple[nn.Module, int]:
+    resolved = resolve_backbone_weights(name, weights)
+    pretrained = resolved is not None
+    # From scratch, BatchNorm must learn its statistics; frozen default statistics would be garbage.
+    net = _classifier(name, resolved, norm_layer=FrozenBatchNorm2d if pretrained else nn.BatchNorm2d)
+    trainable_layers = _check_trainable(trainable_layers, pretrained, 5, 3)
+    layers_to_train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
+    if trainable_layers == 5:
+        layers_to_train.append("bn1")
+    for param_name, parameter in net.named_parameters():
+        if not param_name.startswith(tuple(layers_to_train)):
+            parameter.requires_grad_(False)
+    # C3-C5 as torchvision's RetinaNet (P2 would add 4x the anchors); P6 and P7 from P5.
+    in_channels_stage2 = net.inplanes // 8
+    in_channels_list = [in_channels_stage2 * 2 ** (level - 1) for level in (2, 3, 4)]
+    body = BackboneWithFPN(net, {"layer2": "0", "layer3": "1", "layer4": "2"}, in_channels_list, fpn_channels,
+                           extra_blocks=LastLevelP6P7(fpn_channels, fpn_channels))
+    return body, fpn_channels
+
+
+def _mobilenet_fpn(name: str, *, weights: str | os.PathLike | WeightsEnum | None = None,
+                   trainable_layers: int | None = None, fpn_channels: int = 256) -> tuple[nn.Module, int]:
+    resolved = resolve_backbone_weights(name, weights)
+    pretrained = resolved is not None
+    net = _classifier(name, resolved, **({"norm_layer": FrozenBatchNorm2d} if pretrained else {}))
+    features = net.features
+    # Output stride after each block, read from the conv strides (no private attributes).
+    strides, stride = [], 1
+    for block in features:
+        for module in block.modules():
+            if isinstance(module, nn.Conv2d):
+                stride *= module.stride[0]
+        strides.append(stride)
+    # Stages start where the stride changes (torchvision's C0..Cn); freeze from the front.
+    stage_starts = [i for i in range(len(features)) if i == 0 or strides[i] != strides[i - 1]] + [len(features) - 1]
+    num_stages = len(stage_starts)
+    trainable_layers = _check_trainable(trainable_layers, pretrained, num_stages, 3)
+    freeze_before = len(features) if trainable_layers == 0 else stage_starts[num_stages - trainable_layers]
+    for block in features[:freeze_before]:
+        for parameter in block.parameters():
+            parameter.requires_grad_(False)
+    # The last block at strides 8, 16 and 32 feed the FPN (C3-C5).
+    returned = [max(i for i, s in enumerate(strides) if s == target) for target in (8, 16, 32)]
+    in_channels_list = [features[i].out_channels for i in returned]
+    body = BackboneWithFPN(features, {str(i): str(level) for level, i in enumerate(returned)}, in_channels_list,
+                           fpn_channels, extra_blocks=LastLevelP6P7(fpn_channels, fpn_channels))
+    return body, fpn_channels
+
+
+for _name in ("resnet18", "resnet34", "resnet50", "resnet101"):
+    BACKBONES.register(_name)(partial(_resnet_fpn, _name))
+BACKBONES.register("mobilenet_v3_large")(partial(_mobilenet_fpn, "mobilenet_v3_large"))

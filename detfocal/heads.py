@@ -1,0 +1,378 @@
+"""The focal-loss classification head of RetinaNet, and the batched loss it trains with.
+
+:class:`FocalClassificationHead` is a drop-in for torchvision's
+``RetinaNetClassificationHead``: the same ``forward`` and ``compute_loss`` signatures, the
+same anchor order and, with four convs, the same state_dict keys. What changes is the
+loss: one batched call of :func:`detfocal.losses.sigmoid_focal_loss` on ``[B, N, C]``
+integer labels (no per-image loop, no one-hot, no host sync) and a choice of normaliser.
+
+Label convention, shared with :func:`focal_head_loss`: ``num_classes`` (= C) foreground
+classes, labels in [0, C) are positives, C is background and -1 is ignored.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import Conv2dNormActivation
+
+from .distributed import all_reduce_sum, get_world_size
+from .losses import sigmoid_focal_loss
+from .registry import HEADS
+
+__all__ = ["BELOW_LOW_THRESHOLD", "BETWEEN_THRESHOLDS", "EMA_INITIAL_VALUE", "IGNORE_LABEL", "NORMALIZATIONS",
+           "FocalClassificationHead", "focal_head_loss", "labels_from_matched_idxs"]
+
+NORMALIZATIONS = ("batch", "image", "ema")
+IGNORE_LABEL = -1  # label of an anchor that takes no loss
+# torchvision's det_utils.Matcher codes in matched_idxs.
+BELOW_LOW_THRESHOLD = -1  # background
+BETWEEN_THRESHOLDS = -2  # ignored
+# detectron2's initial value of the foreground-count EMA (RetinaNet, loss_normalizer = 100).
+EMA_INITIAL_VALUE = 100.0
+
+
+def _check_no_bad_values(bad: Tensor, values: Tensor, message: str) -> None:
+    """Raise ``ValueError(message.format(value))`` if any ``bad``; an async device assert off the CPU.
+
+    Reading values back is free on CPU. On CUDA it would stall the stream once per step,
+    so there the check is a device-side assert that fires at the next sync instead.
+    """
+    if values.device.type == "cpu":
+        if bool(bad.any()):
+            raise ValueError(message.format(values[bad][0].item()))
+    elif bad.numel() > 0:
+        torch._assert_async(~bad.any(), message.format("out of range"))
+
+
+def _check_normalization(normalization: str) -> None:
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+
+
+def focal_head_loss(
+    cls_logits: Tensor,
+    labels: Tensor,
+    *,
+    alpha: float | None = 0.25,
+    gamma: float = 2.0,
+    normalization: str = "batch",
+    num_foreground_ema: Tensor | None = None,
+    ema_momentum: float = 0.9,
+    update_ema: bool = True,
+) -> Tensor:
+    """Sigmoid focal loss of a dense detector's class logits, normalised by the foreground count.
+
+    The normalisers:
+
+    - "batch" (the paper, detectron2 without EMA, mmdet): the loss summed over the batch,
+      divided by the number of positive anchors in the batch, clamped to >= 1. Under
+      ``torch.distributed`` the count is all-reduced and each process divides by
+      ``max(global count, 1) / world_size``, so DDP's gradient averaging gives exactly the
+      gradient of one process holding the whole global batch (mmdet's ``reduce_mean``).
+    - "image" (torchvision): each image's sum divided by max(1, its positives), averaged
+      over the images. No communication.
+    - "ema" (detectron2): like "batch", with the count replaced by the momentum average
+      ``ema = m * ema + (1 - m) * max(count, 1)`` held in ``num_foreground_ema`` (start it
+      at :data:`EMA_INITIAL_VALUE`). The count is the global one, as in "batch", so every
+      process holds the same value.
+
+    Args:
+        cls_logits: float ``[B, N, C]`` logits, N anchors, C = num_classes.
+        labels: integer ``[B, N]``: c in [0, C) positive for class c, C background,
+            -1 ignored.
+        alpha: weight of positives in [0, 1] (negatives get 1 - alpha); None or -1 for none.
+        gamma: focusing parameter >= 0.
+        normalization: "batch", "image" or "ema".
+        num_foreground_ema: "ema" only, and required there: a one-element float tensor
+            (a module buffer) holding the running count; updated in place when
+            ``update_ema``.
+        ema_momentum: m in [0, 1) of the "ema" update.
+        update_ema: whether this call updates ``num_foreground_ema`` (pass
+            ``module.training``, so evaluation leaves it alone).
+
+    Returns:
+        The scalar loss, fp32 (fp64 for fp64 logits).
+
+    Raises:
+        ValueError: ``cls_logits`` not ``[B, N, C]`` floats, ``labels`` not integers of
+            shape ``[B, N]`` or outside [0, C] other than -1, an unknown ``normalization``,
+            or a missing or unexpected ``num_foreground_ema``.
+
+    Example:
+        >>> cls_logits = torch.randn(2, 1000, 3, requires_grad=True)
+        >>> labels = torch.full((2, 1000), 3)            # background everywhere ...
+        >>> labels[0, :5], labels[1, :2] = 1, -1         # ... five positives, two ignored
+        >>> focal_head_loss(cls_logits, labels).backward()
+    """
+    _check_normalization(normalization)
+    if not isinstance(cls_logits, Tensor) or cls_logits.dim() != 3 or not cls_logits.is_floating_point():
+        raise ValueError(f"cls_logits must be a float tensor [B, N, C], got "
+                         f"{getattr(cls_logits, 'dtype', type(cls_logits).__name__)} "
+                         f"of shape {tuple(getattr(cls_logits, 'shape', ()))}")
+    if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError("labels must be an integer tensor [B, N], got "
+                         f"{getattr(labels, 'dtype', type(labels).__name__)}")
+    if labels.shape != cls_logits.shape[:2]:
+        raise ValueError(f"labels must have shape cls_logits.shape[:2] = {tuple(cls_logits.shape[:2])}, "
+                         f"got {tuple(labels.shape)}")
+    if normalization == "ema":
+        if not isinstance(num_foreground_ema, Tensor) or num_foreground_ema.numel() != 1 \
+                or not num_foreground_ema.is_floating_point():
+            raise ValueError("normalization='ema' needs num_foreground_ema, a one-element float tensor (a buffer "
+                             f"starting at {EMA_INITIAL_VALUE}), got {num_foreground_ema!r}")
+        if not 0.0 <= ema_momentum < 1.0:
+            raise ValueError(f"ema_momentum must be in [0, 1), got {ema_momentum}")
+    elif num_foreground_ema is not None:
+        raise ValueError("num_foreground_ema is only used with normalization='ema', "
+                         f"got normalization={normalization!r}")
+
+    num_classes = cls_logits.shape[-1]
+    foreground = (labels >= 0) & (labels < num_classes)  # (B, N)
+
+    if normalization == "image":
+        # torchvision's rule needs one sum per image, so keep the elementwise loss.
+        loss = sigmoid_focal_loss(cls_logits, labels, alpha, gamma, "none", ignore_index=IGNORE_LABEL)
+        loss_per_image = loss.sum(dim=(1, 2))  # (B, N, C) -> (B,)
+        num_foreground_per_image = foreground.sum(dim=1).clamp(min=1).to(loss_per_image.dtype)
+        return (loss_per_image / num_foreground_per_image).mean()
+
+    loss = sigmoid_focal_loss(cls_logits, labels, alpha, gamma, "sum", ignore_index=IGNORE_LABEL)
+    # An int64 count, all-reduced without gradient; converted to the loss dtype (fp32 or fp64) after.
+    num_foreground = all_reduce_sum(foreground.sum()).clamp(min=1).to(loss.dtype)
+    if normalization == "ema":
+        assert num_foreground_ema is not None
+        if update_ema:
+            with torch.no_grad():
+                count = num_foreground.to(num_foreground_ema.dtype)
+                num_foreground_ema.mul_(ema_momentum).add_((1.0 - ema_momentum) * count)
+        num_foreground = num_foreground_ema.detach().reshape(()).clamp(min=1).to(loss.dtype)
+    # Dividing by (global normaliser / world size): DDP then averages W such losses.
+    return loss * get_world_size() / num_foreground
+
+
+def labels_from_matched_idxs(targets: Sequence[Mapping[str, Tensor]], matched_idxs: Sequence[Tensor] | Tensor,
+                             num_classes: int) -> Tensor:
+    """Turn torchvision's ``matched_idxs`` into the integer anchor labels of :func:`focal_head_loss`.
+
+    A matched index i >= 0 becomes the label of box i of that image, -1
+    (BELOW_LOW_THRESHOLD) becomes background (``num_classes``) and -2
+    (BETWEEN_THRESHOLDS) becomes ignored (-1). One gather on a padded ``[B, max boxes]``
+    label table does all images at once.
+
+    Args:
+        targets: one dict per image with ``labels``, integer ``[M_i]`` in [0, num_classes)
+            (and ``boxes`` ``[M_i, 4]``, whose length must agree if present).
+        matched_idxs: one integer ``[N]`` tensor per image, or a ``[B, N]`` tensor, with
+            values in [-2, M_i).
+        num_classes: number of foreground classes.
+
+    Returns:
+        Labels ``[B, N]`` (int64) on ``matched_idxs``'s device.
+
+    Raises:
+        ValueError: a count or shape mismatch, a label outside [0, num_classes) or a
+            matched index outside [-2, M_i).
+    """
+    if len(targets) != len(matched_idxs):
+        raise ValueError(f"matched_idxs must have one entry per image, got {len(matched_idxs)} for {len(targets)} "
+                         "targets")
+    if len(targets) == 0:
+        raise ValueError("targets must hold at least one image, got an empty list")
+    if isinstance(matched_idxs, Tensor):
+        if matched_idxs.dim() != 2:
+            raise ValueError(f"matched_idxs as a tensor must be [B, N], got shape {tuple(matched_idxs.shape)}")
+        matched = matched_idxs
+    else:
+        shapes = {tuple(m.shape) for m in matched_idxs}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 1:
+            raise ValueError(f"matched_idxs must be 1-d [N] tensors of one length, got shapes {sorted(shapes)}")
+        matched = torch.stack(list(matched_idxs))  # B x (N,) -> (B, N)
+    if matched.is_floating_point() or matched.dtype == torch.bool:
+        raise ValueError(f"matched_idxs must be integer tensors, got {matched.dtype}")
+    matched = matched.long()
+    device = matched.device
+
+    labels_per_image = []
+    for index, target in enumerate(targets):
+        labels = target.get("labels")
+        if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.is_floating_point():
+            raise ValueError(f"targets[{index}]['labels'] must be an integer tensor [M], got "
+                             f"{labels.dtype if isinstance(labels, Tensor) else type(labels).__name__}"
+                             f"{' of shape ' + str(tuple(labels.shape)) if isinstance(labels, Tensor) else ''}")
+        boxes = target.get("boxes")
+        if isinstance(boxes, Tensor) and boxes.shape[0] != labels.shape[0]:
+            raise ValueError(f"targets[{index}] has {boxes.shape[0]} boxes but labels of shape {tuple(labels.shape)}")
+        labels_per_image.append(labels.to(device=device, dtype=torch.long))
+
+    all_labels = torch.cat(labels_per_image)
+    _check_no_bad_values((all_labels < 0) | (all_labels >= num_classes), all_labels,
+                         f"targets hold label {{}}, expected labels in [0, num_classes={num_classes}) "
+                         f"(num_classes itself is background and is not a box label)")
+    num_boxes = torch.tensor([len(labels) for labels in labels_per_image], device=device)
+    bad = (matched < BETWEEN_THRESHOLDS) | (matched >= num_boxes[:, None])
+    _check_no_bad_values(bad, matched, "matched_idxs holds {}, expected -2, -1 or the index of a box of that image")
+
+    # Padded label table: a per-image loop of B small copies; the gather below is batched.
+    max_boxes = max(len(labels) for labels in labels_per_image)
+    table = torch.full((len(targets), max(max_boxes, 1)), num_classes, dtype=torch.long, device=device)
+    for index, labels in enumerate(labels_per_image):
+        table[index, : len(labels)] = labels
+    gathered = table.gather(1, matched.clamp(min=0))  # (B, max_boxes) x (B, N) -> (B, N)
+    unmatched = torch.where(matched == BELOW_LOW_THRESHOLD, num_classes, IGNORE_LABEL)
+    return torch.where(matched >= 0, gathered, unmatched)
+
+
+@HEADS.register("focal")
+class FocalClassificationHead(nn.Module):
+    """RetinaNet's classification subnet trained with the sigmoid focal loss.
+
+    A drop-in for ``torchvision.models.detection.retinanet.RetinaNetClassificationHead``:
+    ``num_convs`` 3x3 conv(+norm)+ReLU layers, then a 3x3 conv to ``num_anchors *
+    num_classes`` logits, with the same module names (``conv.*``, ``cls_logits.*``) and
+    initialisation, so with ``num_convs=4`` and the same ``norm_layer`` state dicts move
+    between the two with ``strict=True``. The only extra state is the buffer
+    ``num_foreground_ema``, present only when ``normalization="ema"``.
+
+    Args:
+        in_channels: channels of every FPN level.
+        num_anchors: anchors per location (A).
+        num_classes: foreground classes (C); labels lie in [0, C).
+        prior_probability: pi of the paper's initialisation: the logit bias is
+            -log((1 - pi) / pi), so every anchor starts at foreground probability pi.
+        norm_layer: normalisation after each conv (e.g. ``partial(nn.GroupNorm, 32)``);
+            None for none, as torchvision's default.
+        num_convs: depth of the conv tower (the paper uses 4).
+        alpha: focal loss alpha in [0, 1], or None / -1 for no weighting.
+        gamma: focal loss gamma >= 0.
+        normalization: "batch", "image" or "ema"; see :func:`focal_head_loss`.
+        ema_momentum: momentum of the "ema" normaliser.
+
+    Raises:
+        ValueError: a non-positive size, a prior outside (0, 1), alpha or gamma out of
+            range, or an unknown normalization.
+
+    Example:
+        >>> from torchvision.models.detection import retinanet_resnet50_fpn
+        >>> model = retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3)
+        >>> model.head.classification_head = FocalClassificationHead(256, 9, 3)
+        >>> # model now trains with the focal head's batched loss; see also convert_retinanet.
+    """
+
+    # The state_dict layout of torchvision's head (its version 2: conv.{i}.0.weight).
+    _version = 2
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_anchors: int,
+        num_classes: int,
+        prior_probability: float = 0.01,
+        norm_layer: Callable[..., nn.Module] | None = None,
+        *,
+        num_convs: int = 4,
+        alpha: float | None = 0.25,
+        gamma: float = 2.0,
+        normalization: str = "batch",
+        ema_momentum: float = 0.9,
+    ) -> None:
+        super().__init__()
+        for name, value, low in (("in_channels", in_channels, 1), ("num_anchors", num_anchors, 1),
+                                 ("num_classes", num_classes, 1), ("num_convs", num_convs, 0)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if not 0.0 < prior_probability < 1.0:
+            raise ValueError(f"prior_probability must be in (0, 1), got {prior_probability}")
+        if alpha is not None and alpha != -1 and not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], or None/-1 for no weighting, got {alpha}")
+        if not gamma >= 0.0:
+            raise ValueError(f"gamma must be >= 0, got {gamma}")
+        _check_normalization(normalization)
+        if not 0.0 <= ema_momentum < 1.0:
+            raise ValueError(f"ema_momentum must be in [0, 1), got {ema_momentum}")
+
+        self.conv = nn.Sequential(*[Conv2dNormActivation(in_channels, in_channels, norm_layer=norm_layer)
+                                    for _ in range(num_convs)])
+        for layer in self.conv.modules():
+            if isinstance(layer, nn.Conv2d):
+                nn.init.normal_(layer.weight, std=0.01)
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
+        self.cls_logits = nn.Conv2d(in_channels, num_anchors * num_classes, kernel_size=3, stride=1, padding=1)
+        nn.init.normal_(self.cls_logits.weight, std=0.01)
+        # Lin et al. 2017, section 4.1 "Initialization": without this prior, the ~100k
+        # background anchors swamp the first iterations and training diverges.
+        nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_probability) / prior_probability))
+
+        self.in_channels = in_channels
+        self.num_anchors = num_anchors
+        self.num_classes = num_classes
+        self.alpha = alpha
+        self.gamma = float(gamma)
+        self.normalization = normalization
+        self.ema_momentum = float(ema_momentum)
+        self.num_foreground_ema: Tensor | None
+        if normalization == "ema":
+            self.register_buffer("num_foreground_ema", torch.tensor(EMA_INITIAL_VALUE))
+        else:
+            self.num_foreground_ema = None
+
+    def forward(self, x: list[Tensor]) -> Tensor:
+        """Class logits of every anchor, in torchvision's order (level, y, x, anchor).
+
+        Args:
+            x: FPN feature maps, level by level, each ``[B, in_channels, H_l, W_l]``.
+
+        Returns:
+            Logits ``[B, N, num_classes]`` with N = sum over levels of H_l * W_l * A.
+        """
+        all_cls_logits = []
+        for features in x:
+            cls_logits = self.cls_logits(self.conv(features))
+            batch, _, height, width = cls_logits.shape
+            # (B, A*C, H, W) -> (B, A, C, H, W)
+            cls_logits = cls_logits.view(batch, -1, self.num_classes, height, width)
+            cls_logits = cls_logits.permute(0, 3, 4, 1, 2)  # (B, A, C, H, W) -> (B, H, W, A, C)
+            cls_logits = cls_logits.reshape(batch, -1, self.num_classes)  # (B, H, W, A, C) -> (B, H*W*A, C)
+            all_cls_logits.append(cls_logits)
+        return torch.cat(all_cls_logits, dim=1)  # L x (B, N_l, C) -> (B, N, C)
+
+    def compute_loss(self, targets: list[dict[str, Tensor]], head_outputs: dict[str, Tensor],
+                     matched_idxs: list[Tensor]) -> Tensor:
+        """The classification loss, with torchvision's signature.
+
+        Args:
+            targets: one dict per image with ``labels`` int ``[M_i]`` in [0, num_classes)
+                (crowd boxes already removed: see :class:`detfocal.models.FocalRetinaNet`).
+            head_outputs: ``{"cls_logits": [B, N, num_classes], ...}``.
+            matched_idxs: per image ``[N]``: the index of the matched box, -1 for
+                background or -2 for ignored (torchvision's ``Matcher`` codes).
+
+        Returns:
+            The scalar loss, normalised as ``self.normalization`` says.
+
+        Raises:
+            ValueError: logits with a class count other than ``num_classes``,
+                ``matched_idxs`` of the wrong number or length, or labels out of range.
+        """
+        cls_logits = head_outputs["cls_logits"]
+        if cls_logits.dim() != 3 or cls_logits.shape[-1] != self.num_classes:
+            raise ValueError(f"head_outputs['cls_logits'] must be [B, N, num_classes={self.num_classes}], got shape "
+                             f"{tuple(cls_logits.shape)}: the head and the model disagree on num_classes")
+        num_images, num_anchors = cls_logits.shape[:2]
+        if len(matched_idxs) != num_images:
+            raise ValueError(f"matched_idxs must have one entry per image ({num_images}), got {len(matched_idxs)}")
+        for index, matched in enumerate(matched_idxs):
+            if tuple(matched.shape) != (num_anchors,):
+                raise ValueError(f"matched_idxs[{index}] must have shape (N,) = ({num_anchors},), one entry per "
+                                 f"anchor, got {tuple(matched.shape)}")
+        labels = labels_from_matched_idxs(targets, matched_idxs, self.num_classes)
+        return focal_head_loss(cls_logits, labels, alpha=self.alpha, gamma=self.gamma,
+                               normalization=self.normalization, num_foreground_ema=self.num_foreground_ema,
+                               ema_momentum=self.ema_momentum, update_ema=self.training)
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes}, num_anchors={self.num_anchors}, alpha={self.alpha}, "
+                f"gamma={self.gamma}, normalization={self.normalization!r}")

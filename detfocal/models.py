@@ -1,0 +1,367 @@
+"""RetinaNet with detfocal's head: builders, backbones, conversion and crowd-aware matching.
+
+:class:`FocalRetinaNet` is torchvision's ``RetinaNet`` with one method overridden,
+``compute_loss``, because the crowd rule needs the anchors, which torchvision's heads
+never see. Everything else (transform, backbone, anchors, post-processing, state_dict
+keys) is torchvision's own.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+from functools import partial
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+from torchvision.models import WeightsEnum
+from torchvision.models.detection import RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.ops import FrozenBatchNorm2d, box_iou
+
+from .backbones import resolve_backbone_weights
+from .heads import BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, FocalClassificationHead
+from .registry import BACKBONES, DETECTORS, HEADS
+
+__all__ = ["FocalRetinaNet", "anchor_crowd_ioa", "build_retinanet", "convert_retinanet", "default_anchor_sizes",
+           "match_anchors", "resolve_backbone_weights", "split_crowd"]
+
+NUM_LEVELS = 5  # P3-P7
+# Per-box fields that follow the boxes when crowd boxes are removed.
+PER_BOX_KEYS = ("boxes", "labels", "iscrowd", "area")
+# The head's "norm" option; GroupNorm(32) as torchvision's RetinaNet v2 and detectron2.
+HEAD_NORMS: dict[str, Callable[..., nn.Module] | None] = {"none": None, "gn": partial(nn.GroupNorm, 32),
+                                                          "bn": nn.BatchNorm2d}
+
+
+# --------------------------------------------------------------------------------------
+# Crowd-aware matching.
+# --------------------------------------------------------------------------------------
+def split_crowd(target: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], Tensor | None]:
+    """Split ``target`` (``boxes [M, 4]``, ``labels [M]``, optional int/bool ``iscrowd [M]``).
+
+    Returns:
+        ``(target without crowd boxes, crowd boxes [K, 4] or None)``; the per-box fields
+        ``boxes``, ``labels``, ``iscrowd`` and ``area`` are filtered, other keys kept.
+
+    Raises:
+        ValueError: ``iscrowd`` not of shape ``[M]``.
+    """
+    iscrowd = target.get("iscrowd")
+    if iscrowd is None:
+        return dict(target), None
+    boxes = target["boxes"]
+    if not isinstance(iscrowd, Tensor) or tuple(iscrowd.shape) != (boxes.shape[0],):
+        raise ValueError(f"target['iscrowd'] must be a tensor of shape ({boxes.shape[0]},), one flag per box, got "
+                         f"{tuple(iscrowd.shape) if isinstance(iscrowd, Tensor) else type(iscrowd).__name__}")
+    crowd = iscrowd.to(device=boxes.device, dtype=torch.bool)
+    kept = dict(target)
+    for key in PER_BOX_KEYS:
+        value = target.get(key)
+        if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == crowd.shape[0]:
+            kept[key] = value[~crowd.to(value.device)]
+    return kept, boxes[crowd]
+
+
+def anchor_crowd_ioa(anchors: Tensor, crowd_boxes: Tensor) -> Tensor:
+    """Intersection over the ANCHOR's own area, ``[N, 4]`` anchors x ``[K, 4]`` boxes -> ``[N, K]``."""
+    top_left = torch.max(anchors[:, None, :2], crowd_boxes[None, :, :2])  # (N, 1, 2), (1, K, 2) -> (N, K, 2)
+    bottom_right = torch.min(anchors[:, None, 2:], crowd_boxes[None, :, 2:])  # -> (N, K, 2)
+    size = (bottom_right - top_left).clamp(min=0)
+    intersection = size[..., 0] * size[..., 1]  # (N, K)
+    area = (anchors[:, 2] - anchors[:, 0]) * (anchors[:, 3] - anchors[:, 1])
+    area = area.clamp(min=torch.finfo(anchors.dtype).tiny)  # a zero-area anchor has IoA 0
+    return intersection / area[:, None]
+
+
+def match_anchors(anchors: Tensor, boxes: Tensor, proposal_matcher: Callable[[Tensor], Tensor],
+                  crowd_boxes: Tensor | None = None, crowd_ioa_thresh: float = 0.5) -> Tensor:
+    """torchvision's anchor matching, plus ignoring background anchors that lie in a crowd box.
+
+    Args:
+        anchors: ``[N, 4]`` anchors of one image.
+        boxes: ``[M, 4]`` non-crowd boxes of that image (M may be 0).
+        proposal_matcher: maps an ``[M, N]`` IoU matrix to ``[N]`` matched indices, e.g.
+            torchvision's ``Matcher(0.5, 0.4, allow_low_quality_matches=True)``.
+        crowd_boxes: ``[K, 4]`` crowd boxes, or None.
+        crowd_ioa_thresh: an anchor matched to no box (-1) whose intersection with a crowd
+            box covers at least this fraction of the anchor becomes ignored (-2).
+
+    Returns:
+        ``[N]`` int64: index into ``boxes``, -1 background or -2 ignored.
+    """
+    if boxes.numel() == 0:
+        matched = torch.full((anchors.shape[0],), BELOW_LOW_THRESHOLD, dtype=torch.int64, device=anchors.device)
+    else:
+        matched = proposal_matcher(box_iou(boxes, anchors))
+    if crowd_boxes is not None and crowd_boxes.numel() > 0:
+        in_crowd = anchor_crowd_ioa(anchors, crowd_boxes).amax(dim=1) >= crowd_ioa_thresh  # (N, K) -> (N,)
+        matched = torch.where((matched == BELOW_LOW_THRESHOLD) & in_crowd, BETWEEN_THRESHOLDS, matched)
+    return matched
+
+
+class FocalRetinaNet(RetinaNet):
+    """torchvision's RetinaNet whose matching knows about crowd boxes.
+
+    Targets may carry ``iscrowd`` next to ``boxes`` and ``labels``. Crowd boxes are never
+    positives nor regression targets, and anchors that no real box matched but that lie
+    mostly inside a crowd box (IoA >= ``crowd_ioa_thresh``) are ignored rather than trained
+    as background. Without ``iscrowd`` the matching is exactly torchvision's.
+
+    Args:
+        backbone: module returning FPN features, with an ``out_channels`` attribute.
+        num_classes: foreground classes; labels lie in [0, num_classes).
+        crowd_ioa_thresh: see above, in (0, 1].
+        **kwargs: ``RetinaNet``'s arguments. Without ``head``: torchvision's
+            ``RetinaNetHead`` holding a :class:`~detfocal.heads.FocalClassificationHead`.
+
+    Raises:
+        ValueError: ``crowd_ioa_thresh`` out of range, or a head predicting another
+            number of classes.
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, *, crowd_ioa_thresh: float = 0.5, **kwargs: Any) -> None:
+        if not 0.0 < crowd_ioa_thresh <= 1.0:
+            raise ValueError(f"crowd_ioa_thresh must be in (0, 1], got {crowd_ioa_thresh}")
+        if kwargs.get("head") is None:
+            if kwargs.get("anchor_generator") is None:
+                kwargs["anchor_generator"] = AnchorGenerator(default_anchor_sizes(), ((0.5, 1.0, 2.0),) * NUM_LEVELS)
+            num_anchors = kwargs["anchor_generator"].num_anchors_per_location()[0]
+            kwargs["head"] = _retinanet_head(backbone.out_channels, num_anchors, num_classes, {"type": "focal"})
+        head_classes = getattr(getattr(kwargs["head"], "classification_head", None), "num_classes", num_classes)
+        if head_classes != num_classes:
+            raise ValueError(f"num_classes={num_classes} but the classification head predicts {head_classes} classes")
+        super().__init__(backbone, num_classes, **kwargs)
+        self.num_classes = num_classes
+        self.crowd_ioa_thresh = float(crowd_ioa_thresh)
+
+    def compute_loss(self, targets: list[dict[str, Tensor]], head_outputs: dict[str, Tensor],
+                     anchors: list[Tensor]) -> dict[str, Tensor]:
+        """Match anchors (crowd-aware) and return ``{"classification", "bbox_regression"}``.
+
+        The heads see the targets without crowd boxes, and ``matched_idxs`` index into
+        those.
+        """
+        matched_idxs = []
+        head_targets = []
+        for anchors_per_image, targets_per_image in zip(anchors, targets):
+            kept, crowd_boxes = split_crowd(targets_per_image)
+            matched_idxs.append(match_anchors(anchors_per_image, kept["boxes"], self.proposal_matcher,
+                                              crowd_boxes, self.crowd_ioa_thresh))
+            head_targets.append(kept)
+        return self.head.compute_loss(head_targets, head_outputs, anchors, matched_idxs)
+
+
+# --------------------------------------------------------------------------------------
+# Builders.
+# --------------------------------------------------------------------------------------
+def default_anchor_sizes() -> tuple[tuple[int, ...], ...]:
+    """torchvision's RetinaNet anchors: 3 octave scales of 32..512 over P3-P7 (paper, section 4)."""
+    return tuple((x, int(x * 2 ** (1.0 / 3)), int(x * 2 ** (2.0 / 3))) for x in (32, 64, 128, 256, 512))
+
+
+def _anchor_generator(anchor_sizes: Sequence[int | Sequence[int]] | None,
+                      aspect_ratios: Sequence[float] | Sequence[Sequence[float]]) -> AnchorGenerator:
+    # Per level: one size (an int) or a tuple of sizes.
+    sizes = default_anchor_sizes() if anchor_sizes is None else tuple(
+        (int(level),) if isinstance(level, (int, float)) else tuple(int(size) for size in level)
+        for level in anchor_sizes)
+    if len(sizes) != NUM_LEVELS or len({len(level) for level in sizes}) != 1:
+        raise ValueError(f"anchor_sizes must give {NUM_LEVELS} levels (P3-P7) with the same number of sizes each, "
+                         f"got {anchor_sizes!r}")
+    if all(isinstance(ratio, (int, float)) for ratio in aspect_ratios):
+        ratios = (tuple(float(r) for r in aspect_ratios),) * NUM_LEVELS
+    else:
+        ratios = tuple(tuple(float(r) for r in level) for level in aspect_ratios)
+    if len(ratios) != NUM_LEVELS or len({len(level) for level in ratios}) != 1 or not ratios[0]:
+        raise ValueError(f"aspect_ratios must be one tuple of ratios, or {NUM_LEVELS} tuples of equal length, "
+                         f"got {aspect_ratios!r}")
+    return AnchorGenerator(sizes, ratios)
+
+
+def _norm_layer(norm: str, channels: int) -> Callable[..., nn.Module] | None:
+    if norm not in HEAD_NORMS:
+        raise ValueError(f"head 'norm' must be one of {sorted(HEAD_NORMS)}, got {norm!r}")
+    if norm == "gn" and channels % 32:
+        raise ValueError(f"head norm 'gn' uses 32 groups and needs fpn_channels divisible by 32, got {channels}")
+    return HEAD_NORMS[norm]
+
+
+def _retinanet_head(in_channels: int, num_anchors: int, num_classes: int, head: Mapping[str, Any]) -> RetinaNetHead:
+    """torchvision's RetinaNetHead with the classification head built from ``head`` via ``HEADS``."""
+    cfg = dict(head)
+    cfg.setdefault("type", "focal")
+    norm_layer = _norm_layer(cfg.pop("norm", "none"), in_channels)
+    given = {"in_channels": in_channels, "num_anchors": num_anchors, "num_classes": num_classes,
+             "norm_layer": norm_layer}
+    clash = sorted(set(given) & set(cfg))
+    if clash:
+        raise ValueError(f"head config must not set {clash}: build_retinanet passes them "
+                         "(use 'norm' to choose the norm layer)")
+    factory = HEADS.get(cfg["type"])
+    try:
+        inspect.signature(factory).bind(**{k: v for k, v in cfg.items() if k != "type"}, **given)
+    except TypeError as exc:
+        raise ValueError(f"head config {dict(head)!r} does not fit head type {cfg['type']!r}: {exc}") from None
+    retinanet_head = RetinaNetHead(in_channels, num_anchors, num_classes, norm_layer=norm_layer)
+    # RetinaNetHead's public slot for the classification subnet; the regression one stays torchvision's.
+    retinanet_head.classification_head = HEADS.build(cfg, **given)
+    return retinanet_head
+
+
+@DETECTORS.register("retinanet")
+def build_retinanet(
+    num_classes: int,
+    backbone: str = "resnet50",
+    *,
+    weights_backbone: str | os.PathLike | WeightsEnum | None = None,
+    trainable_backbone_layers: int | None = None,
+    fpn_channels: int = 256,
+    anchor_sizes: Sequence[int | Sequence[int]] | None = None,
+    aspect_ratios: Sequence[float] | Sequence[Sequence[float]] = (0.5, 1.0, 2.0),
+    min_size: int = 800,
+    max_size: int = 1333,
+    head: Mapping[str, Any] | None = None,
+    **detector_kwargs: Any,
+) -> FocalRetinaNet:
+    """Build a RetinaNet (backbone -> FPN P3-P7 -> focal head) for ``num_classes`` classes.
+
+    With ``backbone="resnet50"`` and ``fpn_channels=256`` the state_dict keys are those of
+    torchvision's ``retinanet_resnet50_fpn``.
+
+    Args:
+        num_classes: foreground classes; labels lie in [0, num_classes).
+        backbone: a name in ``BACKBONES``: "resnet18", "resnet34", "resnet50",
+            "resnet101", "mobilenet_v3_large", or one you registered.
+        weights_backbone: "ResNet50_Weights.IMAGENET1K_V1"-style name (downloaded by
+            torchvision), a local ``.pth`` state dict of the classification network, or
+            None to train from scratch (then BatchNorm is trainable ``nn.BatchNorm2d``;
+            pretrained backbones use ``FrozenBatchNorm2d``, as torchvision).
+        trainable_backbone_layers: stages left trainable, counted from the top (ResNet:
+            0-5, default 3 pretrained and 5 from scratch).
+        fpn_channels: channels of the FPN and the heads.
+        anchor_sizes: 5 levels (P3-P7), each a tuple of sizes or one size.
+            Default: torchvision's (32, 40, 50), (64, 80, 101), ... (512, 645, 812).
+        aspect_ratios: height/width ratios, the same at every level (or 5 tuples).
+        min_size: shorter image side after resizing.
+        max_size: cap on the longer side.
+        head: classification head config, ``{"type": "focal", "alpha": 0.25, "gamma": 2.0,
+            "normalization": "batch", "num_convs": 4, "norm": "none"|"gn"|"bn"}``;
+            ``type`` names an entry of ``HEADS``, which is called with the other keys plus
+            ``in_channels``, ``num_anchors``, ``num_classes`` and ``norm_layer``. ``norm``
+            also applies to the regression head.
+        **detector_kwargs: to :class:`FocalRetinaNet` / ``RetinaNet``: score_thresh,
+            nms_thresh, detections_per_img, fg_iou_thresh, bg_iou_thresh,
+            topk_candidates, crowd_ioa_thresh, image_mean, image_std, ...
+
+    Returns:
+        The :class:`FocalRetinaNet`.
+
+    Raises:
+        KeyError: an unknown backbone or head type (the message lists the registered ones).
+        ValueError: bad num_classes, anchors, head config or weights name.
+        FileNotFoundError: ``weights_backbone`` names a missing file.
+
+    Example:
+        >>> model = build_retinanet(3, "resnet18", fpn_channels=64, min_size=128, max_size=128,
+        ...                         head={"type": "focal", "gamma": 2.0, "norm": "gn"})
+        >>> images = [torch.rand(3, 128, 128)]
+        >>> targets = [{"boxes": torch.tensor([[10.0, 20.0, 70.0, 90.0]]), "labels": torch.tensor([1])}]
+        >>> losses = model(images, targets)  # {"classification": ..., "bbox_regression": ...}
+    """
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ValueError(f"num_classes must be an integer >= 1 (foreground classes), got {num_classes!r}")
+    if not isinstance(fpn_channels, int) or fpn_channels < 1:
+        raise ValueError(f"fpn_channels must be a positive integer, got {fpn_channels!r}")
+    body, out_channels = BACKBONES.get(backbone)(weights=weights_backbone, trainable_layers=trainable_backbone_layers,
+                                                 fpn_channels=fpn_channels)
+    anchor_generator = _anchor_generator(anchor_sizes, aspect_ratios)
+    num_anchors = anchor_generator.num_anchors_per_location()[0]
+    retinanet_head = _retinanet_head(out_channels, num_anchors, num_classes, head or {"type": "focal"})
+    return FocalRetinaNet(body, num_classes, min_size=min_size, max_size=max_size, anchor_generator=anchor_generator,
+                          head=retinanet_head, **detector_kwargs)
+
+
+def _infer_norm_layer(block: nn.Module) -> Callable[..., nn.Module] | None:
+    """The norm_layer that rebuilds ``block`` (a torchvision Conv2dNormActivation)."""
+    norms = [m for m in block.children() if not isinstance(m, (nn.Conv2d, nn.ReLU))]
+    if not norms:
+        return None
+    norm = norms[0]
+    if isinstance(norm, nn.GroupNorm):
+        return partial(nn.GroupNorm, norm.num_groups, eps=norm.eps)
+    if isinstance(norm, nn.BatchNorm2d):
+        return partial(nn.BatchNorm2d, eps=norm.eps, momentum=norm.momentum)
+    if isinstance(norm, FrozenBatchNorm2d):
+        return partial(FrozenBatchNorm2d, eps=norm.eps)
+    raise ValueError(f"cannot infer norm_layer from the head's {type(norm).__name__}; pass norm_layer=...")
+
+
+def convert_retinanet(model: RetinaNet, *, num_classes: int | None = None, crowd_ioa_thresh: float = 0.5,
+                      **head_kwargs: Any) -> FocalRetinaNet:
+    """Give an existing torchvision RetinaNet the focal head and the crowd-aware matching.
+
+    Why a new object rather than swapping ``__class__`` or mutating ``model``: a new
+    :class:`FocalRetinaNet` built through its public constructor from the input's own
+    modules is an ordinary instance of the subclass, and the input keeps working as it
+    was. The two share the backbone, anchor generator, matcher, regression head,
+    transform and box coder (no copies; ``copy.deepcopy`` the input first if they must
+    train apart). The new :class:`~detfocal.heads.FocalClassificationHead` is loaded
+    with the input's classification weights, so outputs are identical.
+
+    Args:
+        model: a torchvision ``RetinaNet`` whose head has ``classification_head`` and
+            ``regression_head`` (e.g. ``retinanet_resnet50_fpn(weights=...)``).
+        num_classes: optional check: the class count you expect the model to predict.
+        crowd_ioa_thresh: see :class:`FocalRetinaNet`.
+        **head_kwargs: to :class:`~detfocal.heads.FocalClassificationHead` (alpha, gamma,
+            normalization, ema_momentum, norm_layer if it cannot be inferred).
+
+    Returns:
+        The :class:`FocalRetinaNet`, in the input's train/eval mode.
+
+    Raises:
+        ValueError: not a RetinaNet, ``num_classes`` differing from the model's, or
+            classification weights that do not fit the focal head.
+
+    Example:
+        >>> from torchvision.models.detection import retinanet_resnet50_fpn
+        >>> tv_model = retinanet_resnet50_fpn(weights=None, weights_backbone=None)
+        >>> model = convert_retinanet(tv_model, normalization="batch")
+    """
+    if not isinstance(model, RetinaNet):
+        raise ValueError(f"model must be a torchvision RetinaNet, got {type(model).__name__}")
+    old = getattr(model.head, "classification_head", None)
+    if not isinstance(getattr(old, "cls_logits", None), nn.Conv2d) or not isinstance(getattr(old, "conv", None),
+                                                                                   nn.Sequential):
+        raise ValueError("model.head.classification_head must be RetinaNet's classification head (conv, cls_logits)")
+    num_anchors = model.anchor_generator.num_anchors_per_location()[0]
+    in_channels = old.cls_logits.in_channels
+    model_classes = old.cls_logits.out_channels // num_anchors
+    if num_classes is not None and num_classes != model_classes:
+        raise ValueError(f"num_classes={num_classes} but the model's classification head predicts {model_classes} "
+                         f"classes ({old.cls_logits.out_channels} outputs / {num_anchors} anchors)")
+    if "norm_layer" not in head_kwargs:
+        head_kwargs["norm_layer"] = _infer_norm_layer(old.conv[0]) if len(old.conv) else None
+    weight = old.cls_logits.weight
+    focal = FocalClassificationHead(in_channels, num_anchors, model_classes, num_convs=len(old.conv), **head_kwargs)
+    focal.to(device=weight.device, dtype=weight.dtype)
+    result = focal.load_state_dict(old.state_dict(), strict=False)
+    missing = [key for key in result.missing_keys if key != "num_foreground_ema"]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"the model's classification weights do not fit FocalClassificationHead: missing {missing}, "
+                         f"unexpected {result.unexpected_keys}")
+    norm_layer = head_kwargs["norm_layer"]
+    head = RetinaNetHead(in_channels, num_anchors, model_classes, norm_layer=norm_layer)
+    head.classification_head = focal
+    head.regression_head = model.head.regression_head
+    converted = FocalRetinaNet(model.backbone, model_classes, crowd_ioa_thresh=crowd_ioa_thresh,
+                               anchor_generator=model.anchor_generator, head=head,
+                               proposal_matcher=model.proposal_matcher, score_thresh=model.score_thresh,
+                               nms_thresh=model.nms_thresh, detections_per_img=model.detections_per_img,
+                               topk_candidates=model.topk_candidates)
+    # Shared as they are, so preprocessing options the constructor does not take carry over too.
+    converted.transform = model.transform
+    converted.box_coder = model.box_coder
+    return converted.train(model.training)

@@ -1,0 +1,266 @@
+"""build_retinanet, convert_retinanet, crowd-aware matching and the registries, against torchvision."""
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.detection import RetinaNet
+from torchvision.models.detection._utils import Matcher
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+from detfocal.heads import FocalClassificationHead, focal_head_loss, labels_from_matched_idxs
+from detfocal.models import (FocalRetinaNet, build_retinanet, convert_retinanet, match_anchors,
+                             resolve_backbone_weights)
+from detfocal.registry import BACKBONES, DETECTORS, HEADS, Registry
+
+SMALL = {"fpn_channels": 64, "min_size": 128, "max_size": 128}
+
+
+def small_batch():
+    generator = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 128, 128, generator=generator) for _ in range(2)]
+    targets = [
+        {"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0], [70.0, 64.0, 120.0, 110.0]]), "labels": torch.tensor([0, 2])},
+        {"boxes": torch.tensor([[30.0, 30.0, 100.0, 90.0]]), "labels": torch.tensor([1])},
+    ]
+    return images, targets
+
+
+# ----------------------------------------------------------------------------------
+# Crowd-aware matching.
+# ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("crowd_dtype", [torch.int64, torch.bool])
+def test_background_anchors_inside_crowd_boxes_become_ignored(crowd_dtype):
+    anchors = torch.tensor([
+        [0.0, 0.0, 10.0, 10.0],      # 0: matches the real box (IoU 1)
+        [100.0, 100.0, 110.0, 110.0],  # 1: inside the crowd box: IoA 1
+        [95.0, 100.0, 105.0, 110.0],   # 2: half inside: IoA 0.5 -> ignored (>=)
+        [92.0, 100.0, 102.0, 110.0],   # 3: IoA 0.2 -> background
+        [300.0, 300.0, 310.0, 310.0],  # 4: far from everything: background
+        [2.0, 0.0, 12.0, 10.0],        # 5: IoU 0.67 with the real box: stays matched
+    ])
+    target = {"boxes": torch.tensor([[100.0, 100.0, 200.0, 200.0], [0.0, 0.0, 10.0, 10.0]]),
+              "labels": torch.tensor([1, 0]), "iscrowd": torch.tensor([1, 0]).to(crowd_dtype)}
+    recorded = {}
+
+    class RecordingHead(nn.Module):
+        def compute_loss(self, targets, head_outputs, anchors, matched_idxs):
+            recorded.update(targets=targets, matched_idxs=matched_idxs)
+            return {}
+
+    backbone = nn.Identity()
+    backbone.out_channels = 8
+    model = FocalRetinaNet(backbone, 2, head=RecordingHead(), proposal_matcher=Matcher(0.5, 0.4, False))
+    model.compute_loss([target], {}, [anchors])
+    # matched_idxs index the boxes the heads see: the crowd box is gone, the real box is 0.
+    assert recorded["targets"][0]["boxes"].tolist() == [[0.0, 0.0, 10.0, 10.0]]
+    assert recorded["targets"][0]["labels"].tolist() == [0]
+    assert recorded["matched_idxs"][0].tolist() == [0, -2, -2, -1, -1, 0]
+
+
+def test_crowd_only_image_has_no_positives_and_ignores_covered_anchors():
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0], [50.0, 50.0, 60.0, 60.0]])
+    matched = match_anchors(anchors, torch.zeros(0, 4), Matcher(0.5, 0.4, True),
+                            crowd_boxes=torch.tensor([[0.0, 0.0, 20.0, 20.0]]))
+    assert matched.tolist() == [-2, -1]
+
+
+def test_image_without_boxes_gives_finite_classification_and_zero_box_loss():
+    model = build_retinanet(3, "resnet18", **SMALL).train()
+    images, targets = small_batch()
+    targets[1] = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}
+    losses = model(images[1:], targets[1:])
+    assert set(losses) == {"classification", "bbox_regression"}
+    assert torch.isfinite(losses["classification"]) and losses["classification"] > 0
+    assert losses["bbox_regression"].item() == 0.0
+
+
+def test_target_label_equal_to_num_classes_raises_value_error():
+    model = build_retinanet(3, "resnet18", **SMALL).train()
+    images, targets = small_batch()
+    targets[0]["labels"] = torch.tensor([0, 3])
+    with pytest.raises(ValueError, match=r"label 3, expected labels in \[0, num_classes=3\)"):
+        model(images, targets)
+
+
+# ----------------------------------------------------------------------------------
+# Training and conversion.
+# ----------------------------------------------------------------------------------
+def test_retinanet_resnet18_loss_goes_down_in_8_sgd_steps():
+    model = build_retinanet(3, "resnet18", **SMALL).train()
+    images, targets = small_batch()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+    history = []
+    for _ in range(8):
+        losses = model(images, targets)
+        total = losses["classification"] + losses["bbox_regression"]
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        history.append((losses["classification"].item(), total.item()))
+    # From the prior init the classification loss moves slowly at first (it starts near the
+    # optimum for the background anchors), so the box loss does most of the early descent.
+    assert history[-1][0] < history[0][0]
+    assert history[-1][1] < 0.95 * history[0][1]
+
+
+def torchvision_retinanet(norm_layer=None) -> RetinaNet:
+    """A small RetinaNet assembled from torchvision's own parts only."""
+    backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None, norm_layer=nn.BatchNorm2d,
+                                   trainable_layers=5, returned_layers=[2, 3, 4],
+                                   extra_blocks=LastLevelP6P7(256, 256))
+    head = RetinaNetHead(256, 9, 4, norm_layer=norm_layer)
+    return RetinaNet(backbone, 4, min_size=128, max_size=128, score_thresh=0.005, head=head)
+
+
+@pytest.mark.parametrize("norm_layer", [None, partial(nn.GroupNorm, 32)], ids=["plain", "groupnorm"])
+def test_convert_retinanet_keeps_eval_outputs_identical(norm_layer):
+    torchvision_model = torchvision_retinanet(norm_layer).eval()
+    images, _ = small_batch()
+    with torch.no_grad():
+        expected = torchvision_model(images)
+        converted = convert_retinanet(torchvision_model)
+        got = converted(images)
+    assert isinstance(converted, FocalRetinaNet) and not converted.training
+    assert isinstance(converted.head.classification_head, FocalClassificationHead)
+    assert isinstance(torchvision_model.head.classification_head, torchvision.models.detection.retinanet.
+                      RetinaNetClassificationHead)  # the input keeps its own head
+    assert len(expected[0]["boxes"]) > 0
+    for got_image, expected_image in zip(got, expected):
+        for key in ("boxes", "scores", "labels"):
+            torch.testing.assert_close(got_image[key], expected_image[key], rtol=0, atol=0)
+
+
+def test_converted_image_normalization_gives_torchvision_training_losses():
+    torchvision_model = torchvision_retinanet().train()
+    converted = convert_retinanet(torchvision_model, normalization="image")
+    images, targets = small_batch()
+    expected = torchvision_model(images, targets)
+    got = converted(images, targets)  # same weights, and train-mode BN uses batch statistics
+    for key in ("classification", "bbox_regression"):
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6)
+
+
+def test_convert_with_wrong_num_classes_raises_value_error():
+    with pytest.raises(ValueError, match="num_classes=80 but the model's classification head predicts 4 classes"):
+        convert_retinanet(torchvision_retinanet(), num_classes=80)
+
+
+# ----------------------------------------------------------------------------------
+# Builder options.
+# ----------------------------------------------------------------------------------
+def test_default_anchors_equal_torchvision_retinanet():
+    model = build_retinanet(3, "resnet18", **SMALL)
+    assert model.anchor_generator.sizes == torchvision_retinanet().anchor_generator.sizes
+    assert model.anchor_generator.aspect_ratios == ((0.5, 1.0, 2.0),) * 5
+
+
+def test_flat_anchor_sizes_give_one_size_per_level_and_bad_levels_raise():
+    model = build_retinanet(3, "resnet18", anchor_sizes=(16, 32, 64, 128, 256), aspect_ratios=(1.0,), **SMALL)
+    assert model.anchor_generator.sizes == ((16,), (32,), (64,), (128,), (256,))
+    assert model.head.classification_head.num_anchors == 1
+    with pytest.raises(ValueError, match="anchor_sizes must give 5 levels"):
+        build_retinanet(3, "resnet18", anchor_sizes=(16, 32, 64), **SMALL)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50", "mobilenet_v3_large"])
+def test_backbones_from_scratch_give_p3_to_p7_with_trainable_batchnorm(name):
+    body, out_channels = BACKBONES.get(name)(weights=None, fpn_channels=32)
+    features = body(torch.rand(1, 3, 64, 64))
+    assert out_channels == 32
+    assert [tuple(f.shape[-2:]) for f in features.values()] == [(8, 8), (4, 4), (2, 2), (1, 1), (1, 1)]
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in body.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in body.modules())
+    assert all(p.requires_grad for p in body.parameters())
+
+
+def test_weights_name_resolves_without_download_and_bad_names_raise():
+    assert resolve_backbone_weights("resnet50", "ResNet50_Weights.IMAGENET1K_V1") is \
+        torchvision.models.ResNet50_Weights.IMAGENET1K_V1
+    with pytest.raises(ValueError, match="weights_backbone='ResNet50_Weights.NOPE' is neither"):
+        resolve_backbone_weights("resnet50", "ResNet50_Weights.NOPE")
+    with pytest.raises(ValueError, match="does not fit backbone 'resnet50'"):
+        resolve_backbone_weights("resnet50", "ResNet18_Weights.IMAGENET1K_V1")
+    with pytest.raises(FileNotFoundError, match="no checkpoint file"):
+        resolve_backbone_weights("resnet50", "/nonexistent/resnet50.pth")
+
+
+def test_local_pth_weights_load_into_backbone_body_with_frozen_batchnorm(tmp_path):
+    reference = torchvision.models.resnet18(weights=None)
+    with torch.no_grad():
+        for parameter in reference.parameters():
+            parameter.add_(torch.randn_like(parameter))
+    path = tmp_path / "resnet18.pth"
+    torch.save(reference.state_dict(), path)
+    model = build_retinanet(3, "resnet18", weights_backbone=str(path), **SMALL)
+    body = model.backbone.body
+    torch.testing.assert_close(body.layer3[0].conv1.weight, reference.layer3[0].conv1.weight, rtol=0, atol=0)
+    torch.testing.assert_close(body.bn1.running_var, reference.bn1.running_var, rtol=0, atol=0)
+    assert isinstance(body.bn1, FrozenBatchNorm2d)
+    # torchvision's default for pretrained backbones: the top 3 stages train.
+    assert not body.conv1.weight.requires_grad and not body.layer1[0].conv1.weight.requires_grad
+    assert body.layer2[0].conv1.weight.requires_grad
+
+
+def test_head_norm_gn_builds_groupnorm_in_both_heads():
+    model = build_retinanet(3, "resnet18", head={"type": "focal", "norm": "gn", "normalization": "ema"}, **SMALL)
+    for subhead in (model.head.classification_head, model.head.regression_head):
+        assert isinstance(subhead.conv[0][1], nn.GroupNorm)
+    assert model.head.classification_head.normalization == "ema"
+
+
+# ----------------------------------------------------------------------------------
+# Registries and custom heads.
+# ----------------------------------------------------------------------------------
+def test_registry_refuses_duplicates_and_lists_names_on_unknown():
+    registry = Registry("things")
+    registry.register("a")(int)
+    with pytest.raises(ValueError, match="'a' is already registered"):
+        registry.register("a")(float)
+    with pytest.raises(KeyError, match=r"unknown type 'b'; registered: \['a'\]"):
+        registry.get("b")
+    with pytest.raises(KeyError, match="'focal'"):
+        build_retinanet(3, "resnet18", head={"type": "no_such_head"}, **SMALL)
+
+
+@HEADS.register("my_head")
+class MyHead(nn.Module):
+    """A user head: one conv to the logits, trained with detfocal's loss."""
+
+    def __init__(self, in_channels, num_anchors, num_classes, norm_layer=None, *, gamma=2.0):
+        super().__init__()
+        self.num_classes = num_classes
+        self.gamma = gamma
+        self.cls_logits = nn.Conv2d(in_channels, num_anchors * num_classes, 3, padding=1)
+
+    def forward(self, features):
+        batch = features[0].shape[0]
+        # (B, A*C, H, W) -> (B, H*W*A, C) per level, then concatenated over levels
+        return torch.cat([self.cls_logits(f).permute(0, 2, 3, 1).reshape(batch, -1, self.num_classes)
+                          for f in features], dim=1)
+
+    def compute_loss(self, targets, head_outputs, matched_idxs):
+        labels = labels_from_matched_idxs(targets, matched_idxs, self.num_classes)
+        return focal_head_loss(head_outputs["cls_logits"], labels, gamma=self.gamma)
+
+
+def test_custom_registered_head_builds_from_config():
+    model = build_retinanet(3, "resnet18", head={"type": "my_head", "gamma": 1.5}, **SMALL).train()
+    assert isinstance(model.head.classification_head, MyHead) and model.head.classification_head.gamma == 1.5
+    losses = model(*small_batch())
+    assert torch.isfinite(losses["classification"])
+    with pytest.raises(ValueError, match="does not fit head type 'my_head'"):
+        build_retinanet(3, "resnet18", head={"type": "my_head", "alpha": 0.5}, **SMALL)
+
+
+def test_detectors_registry_builds_retinanet_from_config():
+    model = DETECTORS.build({"type": "retinanet", "num_classes": 2, "backbone": "resnet18", **SMALL,
+                             "score_thresh": 0.1, "crowd_ioa_thresh": 0.7})
+    assert isinstance(model, FocalRetinaNet)
+    assert model.score_thresh == 0.1 and model.crowd_ioa_thresh == 0.7
