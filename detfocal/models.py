@@ -21,6 +21,7 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import FrozenBatchNorm2d, box_iou
 
 from .backbones import resolve_backbone_weights
+from .gfl_heads import retinanet_head_loss
 from .heads import BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, FocalClassificationHead
 from .registry import BACKBONES, DETECTORS, HEADS
 
@@ -150,7 +151,8 @@ class FocalRetinaNet(RetinaNet):
             matched_idxs.append(match_anchors(anchors_per_image, kept["boxes"], self.proposal_matcher,
                                               crowd_boxes, self.crowd_ioa_thresh))
             head_targets.append(kept)
-        return self.head.compute_loss(head_targets, head_outputs, anchors, matched_idxs)
+        # Heads that need box quality (QFL, VFL) also get the IoU targets of box_quality_targets.
+        return retinanet_head_loss(self.head, head_targets, head_outputs, anchors, matched_idxs, self.box_coder)
 
 
 # --------------------------------------------------------------------------------------

@@ -5,13 +5,17 @@
 - FL* from the appendix of Lin et al. 2017: :func:`sigmoid_focal_loss_star`.
 - A per-image alpha from object counts (the seed's FL-DoN): :func:`alpha_from_object_counts`.
 - Cosine loss plus softmax focal loss: :func:`focal_cosine_loss`.
-- Generalised focal losses: :func:`quality_focal_loss` (GFL) and :func:`varifocal_loss` (VarifocalNet).
+
+The generalised focal losses, :func:`~detfocal.losses.quality_focal_loss` (GFL) and
+:func:`~detfocal.losses.varifocal_loss` (VarifocalNet), live in
+:mod:`detfocal.losses.generalized`.
 
 Conventions follow :mod:`detfocal.losses.focal`: ``[..., C]`` inputs, math in fp32 (fp64
 stays fp64), integer labels with C = background, "none"/"sum"/"mean" reductions, and
-finite gradients at saturated inputs. Losses whose naive autograd would meet inf * 0
-(a power below 1 of something that reaches 0) compute their gradient analytically;
-the others are written with softplus/clamps that autograd differentiates safely.
+finite gradients at saturated inputs. Every loss here is written with softplus/clamps
+that autograd differentiates safely; the two whose naive autograd would meet inf * 0 (a
+power below 1 of something that reaches 0) compute their gradient analytically, in
+:mod:`detfocal.losses.generalized`, which shares this module's argument checks.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from torch import Tensor
 
 from . import _checks
 from ._checks import AlphaLike
-from .focal import _reduce, _SavedGradFunction, softmax_focal_loss
+from .focal import softmax_focal_loss
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -441,167 +445,3 @@ def focal_cosine_loss(
     if reduction == "sum":
         return cosine_weight * cosine.sum() + focal
     return cosine_weight * cosine.sum() / valid.sum().clamp(min=1).to(dtype) + focal
-
-
-# --------------------------------------------------------------------------------------
-# Generalised focal losses: QFL (GFL) and VFL (VarifocalNet), with analytic gradients.
-# --------------------------------------------------------------------------------------
-def _qfl_terms(z: Tensor, y: Tensor | float, beta: float, need_grad: bool) -> tuple[Tensor, Tensor | None]:
-    """Per-element QFL = |y - p|^beta BCE(p, y) and its derivative w.r.t. the logit z.
-
-    With d = p - y and BCE = y softplus(-z) + (1 - y) softplus(z) (so dBCE/dz = d):
-        dQFL/dz = |d|^beta (d + beta sign(d) p (1 - p) / |d| BCE).
-    Autograd would form beta |d|^(beta - 1), inf where d = 0 (e.g. p underflowing to the
-    target 0) and NaN after multiplying by p (1 - p) = 0. Here p (1 - p) / |d| is 1 - p for
-    y = 0 and p for y = 1, bounded; for soft y at d = 0 exactly (the cusp of |d|^beta,
-    beta < 1, a minimum of the loss) the subgradient 0 is used.
-    """
-    p = torch.sigmoid(z)
-    p_neg = torch.sigmoid(-z)  # 1 - p without cancellation
-    # d = p - y, accurate at both ends: for y >= 0.5 as (1 - y) - (1 - p), exact at y = 1.
-    if isinstance(y, Tensor):
-        d = torch.where(y >= 0.5, (1 - y) - p_neg, p - y)
-    else:
-        d = p - y if y < 0.5 else (1 - y) - p_neg
-    abs_d = d.abs()
-    bce = y * F.softplus(-z) + (1 - y) * F.softplus(z)
-    weight = abs_d.pow(beta)
-    loss = weight * bce
-    if not need_grad:
-        return loss, None
-    ratio = torch.where(abs_d > 0, p * p_neg / abs_d, torch.zeros_like(abs_d))
-    grad = weight * (d + beta * torch.sign(d) * ratio * bce)
-    return loss, grad
-
-
-def quality_focal_loss(
-    logits: Tensor,
-    labels: Tensor,
-    scores: Tensor,
-    beta: float = 2.0,
-    reduction: str = "none",
-    ignore_index: int = -1,
-) -> Tensor:
-    """Quality focal loss, QFL(p) = -|y - p|^beta ((1 - y) log(1 - p) + y log p) (Li et al. 2020).
-
-    From GFL ("Generalized Focal Loss: Learning Qualified and Distributed Bounding Boxes
-    for Dense Object Detection"): the classification score of the labelled class regresses
-    the box's IoU ``score``; every other class has target 0. With 0/1 scores this is
-    ``sigmoid_focal_loss(alpha=-1, gamma=beta)``. No one-hot is built: every element is
-    computed as a negative and the one positive column per row is recomputed and scattered.
-
-    Args:
-        logits: float ``[..., C]``.
-        labels: integer ``logits.shape[:-1]``: c in [0, C) positive for class c, C
-            background, ``ignore_index`` ignored.
-        scores: float ``logits.shape[:-1]``, the positives' IoU targets in [0, 1] (read only
-            on positive rows).
-        beta: >= 0 (GFL uses 2); any value, 0.5 included, has a finite gradient.
-        reduction: "none" (``[..., C]``, ignored rows 0), "sum", or "mean" over the
-            non-ignored elements.
-        ignore_index: label of rows to ignore.
-
-    Returns:
-        The loss in fp32 (fp64 for fp64 logits).
-
-    Raises:
-        ValueError: bad logits, labels, scores (shape, dtype, positives outside [0, 1]), beta or reduction.
-    """
-    _checks.check_logits(logits)
-    _checks.check_reduction(reduction)
-    beta = _checks.check_gamma(beta, "beta")
-    if not isinstance(labels, Tensor) or labels.dtype not in _INT_DTYPES:
-        raise ValueError(f"labels must be an integer tensor of shape {tuple(logits.shape[:-1])}, "
-                         f"got {getattr(labels, 'dtype', type(labels).__name__)}")
-    _checks.check_int_labels(labels, logits, ignore_index, "labels")
-    if not isinstance(scores, Tensor) or not scores.is_floating_point() or scores.shape != labels.shape:
-        raise ValueError(f"scores must be a float tensor of shape {tuple(labels.shape)}, got "
-                         f"{tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__}"
-                         f"{' ' + str(scores.dtype) if isinstance(scores, Tensor) else ''}")
-    num_classes = logits.shape[-1]
-    labels = labels.long()
-    valid = labels != ignore_index
-    is_pos = valid & (labels >= 0) & (labels < num_classes)
-    _check_unit_interval(scores[is_pos] if scores.device.type == "cpu" else torch.where(is_pos, scores, 0), "scores")
-    dtype = _checks.compute_dtype(logits)
-    index = torch.where(is_pos, labels, torch.zeros_like(labels)).unsqueeze(-1)  # [...] -> [..., 1]
-    keep = is_pos.unsqueeze(-1)
-    score_pos = torch.where(is_pos, scores.to(dtype), 0).unsqueeze(-1)  # [...] -> [..., 1]
-    valid_rows = valid.unsqueeze(-1)  # [...] -> [..., 1]
-    count = valid.sum().to(dtype) * num_classes
-
-    def fn(z: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
-        z = z.to(dtype)
-        loss, grad = _qfl_terms(z, 0.0, beta, need_grad)
-        loss_pos, grad_pos = _qfl_terms(z.gather(-1, index), score_pos, beta, need_grad)
-        loss = torch.where(valid_rows, loss.scatter(-1, index, torch.where(keep, loss_pos, loss.gather(-1, index))), 0)
-        if grad is not None and grad_pos is not None:
-            grad = grad.scatter(-1, index, torch.where(keep, grad_pos, grad.gather(-1, index)))
-            grad = torch.where(valid_rows, grad, 0)
-        return _reduce(loss, grad, reduction, count)
-
-    if logits.requires_grad and torch.is_grad_enabled():
-        return _SavedGradFunction.apply(logits, fn)
-    return fn(logits, False)[0]
-
-
-def varifocal_loss(
-    logits: Tensor,
-    targets: Tensor,
-    alpha: float = 0.75,
-    gamma: float = 2.0,
-    iou_weighted: bool = True,
-    reduction: str = "none",
-) -> Tensor:
-    """Varifocal loss (Zhang et al. 2021, "VarifocalNet: An IoU-aware Dense Object Detector").
-
-    VFL(p, q) = -q (q log p + (1 - q) log(1 - p)) for q > 0 and -alpha p^gamma log(1 - p)
-    for q = 0: positives are weighted by their IoU target q (by 1 if not ``iou_weighted``),
-    negatives are down-weighted focal-style. The gradient is analytic, with
-    d/dz[alpha p^gamma softplus(z)] = alpha p^gamma (gamma (1 - p) softplus(z) + p), so
-    gamma < 1 at p -> 0 gives 0 instead of autograd's inf * 0.
-
-    Args:
-        logits: float ``[..., C]``.
-        targets: float ``[..., C]`` in [0, 1]: the IoU at the ground-truth class, 0 elsewhere.
-        alpha: weight >= 0 of the negatives (VFNet uses 0.75).
-        gamma: focusing parameter >= 0 of the negatives.
-        iou_weighted: weight positives by q (True) or by 1.
-        reduction: "none" (``[..., C]``), "sum" or "mean" over all elements.
-
-    Returns:
-        The loss in fp32 (fp64 for fp64 logits).
-
-    Raises:
-        ValueError: bad logits, targets (shape, dtype, values outside [0, 1]), alpha, gamma or reduction.
-    """
-    _checks.check_logits(logits)
-    _checks.check_reduction(reduction)
-    alpha = _check_real(alpha, "alpha")
-    gamma = _checks.check_gamma(gamma)
-    if not isinstance(targets, Tensor) or not targets.is_floating_point() or targets.shape != logits.shape:
-        raise ValueError(f"targets must be a float tensor of shape {tuple(logits.shape)}, got "
-                         f"{tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__}"
-                         f"{' ' + str(targets.dtype) if isinstance(targets, Tensor) else ''}")
-    _check_unit_interval(targets, "targets")
-    dtype = _checks.compute_dtype(logits)
-    q = targets.to(dtype)
-    positive = q > 0
-
-    def fn(z: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
-        z = z.to(dtype)
-        p = torch.sigmoid(z)
-        sp_neg = F.softplus(z)  # -log(1 - p)
-        bce = q * F.softplus(-z) + (1 - q) * sp_neg
-        weight_pos = q if iou_weighted else torch.ones_like(q)
-        weight_neg = alpha * p.pow(gamma)
-        loss = torch.where(positive, weight_pos * bce, weight_neg * sp_neg)
-        grad = None
-        if need_grad:
-            grad_neg = weight_neg * (gamma * torch.sigmoid(-z) * sp_neg + p)
-            grad = torch.where(positive, weight_pos * (p - q), grad_neg)
-        return _reduce(loss, grad, reduction, None)
-
-    if logits.requires_grad and torch.is_grad_enabled():
-        return _SavedGradFunction.apply(logits, fn)
-    return fn(logits, False)[0]
