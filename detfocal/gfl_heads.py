@@ -24,8 +24,7 @@ from torch import Tensor, nn
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.retinanet import RetinaNetHead
 
-from .distributed import all_reduce_sum, get_world_size
-from .heads import IGNORE_LABEL, FocalClassificationHead, _check_no_bad_values, labels_from_matched_idxs
+from .heads import IGNORE_LABEL, FocalClassificationHead, _check_no_bad_values, normalize_by_foreground
 from .losses import quality_focal_loss, varifocal_loss
 from .registry import HEADS
 
@@ -182,16 +181,7 @@ class _BoxQualityHead(FocalClassificationHead):
                 [0, 1], or the checks of ``FocalClassificationHead.compute_loss``.
         """
         cls_logits = head_outputs["cls_logits"]
-        if cls_logits.dim() != 3 or cls_logits.shape[-1] != self.num_classes:
-            raise ValueError(f"head_outputs['cls_logits'] must be [B, N, num_classes={self.num_classes}], got shape "
-                             f"{tuple(cls_logits.shape)}: the head and the model disagree on num_classes")
-        num_images, num_anchors = cls_logits.shape[:2]
-        if len(matched_idxs) != num_images:
-            raise ValueError(f"matched_idxs must have one entry per image ({num_images}), got {len(matched_idxs)}")
-        for index, matched in enumerate(matched_idxs):
-            if tuple(matched.shape) != (num_anchors,):
-                raise ValueError(f"matched_idxs[{index}] must have shape (N,) = ({num_anchors},), one entry per "
-                                 f"anchor, got {tuple(matched.shape)}")
+        labels = self.labels_for_loss(targets, cls_logits, matched_idxs)
         if quality is None:
             raise ValueError(f"{type(self).__name__}.compute_loss needs quality=, the [B, N] IoU targets of "
                              "box_quality_targets; the detector must pass them (detfocal.gfl_heads.retinanet_head_loss "
@@ -205,13 +195,8 @@ class _BoxQualityHead(FocalClassificationHead):
         _check_no_bad_values(~((quality >= 0) & (quality <= 1)), quality,  # written so that NaN counts as bad
                              "quality holds {}, expected IoU targets in [0, 1]")
 
-        labels = labels_from_matched_idxs(targets, matched_idxs, self.num_classes)
         foreground = (labels >= 0) & (labels < self.num_classes)  # (B, N)
-        loss = self._loss_sum(cls_logits, labels, foreground, quality)
-        # An int64 count, all-reduced without gradient; each process divides by (global count / world size)
-        # so that DDP's gradient averaging gives the gradient of the whole global batch.
-        num_foreground = all_reduce_sum(foreground.sum()).clamp(min=1).to(loss.dtype)
-        return loss * get_world_size() / num_foreground
+        return normalize_by_foreground(self._loss_sum(cls_logits, labels, foreground, quality), foreground)
 
     def _loss_sum(self, cls_logits: Tensor, labels: Tensor, foreground: Tensor, quality: Tensor) -> Tensor:
         raise NotImplementedError

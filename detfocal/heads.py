@@ -140,6 +140,8 @@ def focal_head_loss(
         return (loss_per_image / num_foreground_per_image).mean()
 
     loss = sigmoid_focal_loss(cls_logits, labels, alpha, gamma, "sum", ignore_index=IGNORE_LABEL)
+    if normalization == "batch":
+        return normalize_by_foreground(loss, foreground)
     # An int64 count, all-reduced without gradient; converted to the loss dtype (fp32 or fp64) after.
     num_foreground = all_reduce_sum(foreground.sum()).clamp(min=1).to(loss.dtype)
     if normalization == "ema":
@@ -151,6 +153,20 @@ def focal_head_loss(
         num_foreground = num_foreground_ema.detach().reshape(()).clamp(min=1).to(loss.dtype)
     # Dividing by (global normaliser / world size): DDP then averages W such losses.
     return loss * get_world_size() / num_foreground
+
+
+def normalize_by_foreground(loss_sum: Tensor, foreground: Tensor) -> Tensor:
+    """The "batch" rule: ``loss_sum`` over max(1, positives of the global batch) / world size.
+
+    The count is all-reduced without gradient, so DDP's averaging of W such losses gives
+    exactly the gradient of one process holding the whole global batch.
+
+    Args:
+        loss_sum: the scalar loss summed over this process's batch.
+        foreground: bool ``[B, N]`` (or any shape) marking this process's positive anchors.
+    """
+    num_foreground = all_reduce_sum(foreground.sum()).clamp(min=1).to(loss_sum.dtype)
+    return loss_sum * get_world_size() / num_foreground
 
 
 def labels_from_matched_idxs(targets: Sequence[Mapping[str, Tensor]], matched_idxs: Sequence[Tensor] | Tensor,
@@ -358,6 +374,14 @@ class FocalClassificationHead(nn.Module):
                 ``matched_idxs`` of the wrong number or length, or labels out of range.
         """
         cls_logits = head_outputs["cls_logits"]
+        labels = self.labels_for_loss(targets, cls_logits, matched_idxs)
+        return focal_head_loss(cls_logits, labels, alpha=self.alpha, gamma=self.gamma,
+                               normalization=self.normalization, num_foreground_ema=self.num_foreground_ema,
+                               ema_momentum=self.ema_momentum, update_ema=self.training)
+
+    def labels_for_loss(self, targets: list[dict[str, Tensor]], cls_logits: Tensor,
+                        matched_idxs: list[Tensor]) -> Tensor:
+        """Check the logits against this head and ``matched_idxs``, then build the ``[B, N]`` labels."""
         if cls_logits.dim() != 3 or cls_logits.shape[-1] != self.num_classes:
             raise ValueError(f"head_outputs['cls_logits'] must be [B, N, num_classes={self.num_classes}], got shape "
                              f"{tuple(cls_logits.shape)}: the head and the model disagree on num_classes")
@@ -368,10 +392,7 @@ class FocalClassificationHead(nn.Module):
             if tuple(matched.shape) != (num_anchors,):
                 raise ValueError(f"matched_idxs[{index}] must have shape (N,) = ({num_anchors},), one entry per "
                                  f"anchor, got {tuple(matched.shape)}")
-        labels = labels_from_matched_idxs(targets, matched_idxs, self.num_classes)
-        return focal_head_loss(cls_logits, labels, alpha=self.alpha, gamma=self.gamma,
-                               normalization=self.normalization, num_foreground_ema=self.num_foreground_ema,
-                               ema_momentum=self.ema_momentum, update_ema=self.training)
+        return labels_from_matched_idxs(targets, matched_idxs, self.num_classes)
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, num_anchors={self.num_anchors}, alpha={self.alpha}, "
