@@ -10,6 +10,8 @@ Loading rules:
       ``data.subset.categories=[person,dog]`` gives a list and ``model.weights_backbone=`` gives null.
     - Every key and type is checked (nanoGPT's strictness): an unknown key or a wrong type is a
       ``ValueError`` naming the dotted key and what is allowed. Missing keys take the defaults below.
+    - The modules in ``imports`` are imported while loading, so that ``model.head`` can be checked
+      against the head type they register.
 
 Classes never see a ``Config``: the ``*_kwargs`` functions at the bottom map it to the plain
 keyword arguments of ``build_retinanet``, ``CocoDetection``, ``build_transforms``,

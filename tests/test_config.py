@@ -56,11 +56,11 @@ def test_unknown_head_key_lists_the_parameters_of_that_head_type(tmp_path):
                                          r"model\.head: type, prior_probability, num_convs, alpha, gamma, "):
         load_config(write(tmp_path / "c.yaml", "model: {head: {gama: 1.0}}\n"))
     with pytest.raises(ValueError, match=r"unknown key model\.head\.alpha for head type 'qfl'.* beta, norm$"):
-        config_from_dict({}, ["model.head.type=qfl"])  # the focal head's alpha stays behind
+        config_from_dict({"model": {"head": {"alpha": 0.5}}}, ["model.head.type=qfl"])  # alpha stays behind
 
 
 def test_head_type_must_be_registered():
-    with pytest.raises(ValueError, match=r"model\.head\.type: unknown head 'fcos'; registered: focal, qfl, vfl"):
+    with pytest.raises(ValueError, match=r"model\.head\.type: unknown head 'fcos'; registered: focal, .*qfl, vfl"):
         config_from_dict({"model": {"head": {"type": "fcos"}}})
 
 

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 import detfocal.models  # noqa: F401  (registers the built-in backbones, heads and detectors)
 from detfocal.checkpoint import load_checkpoint
 from detfocal.cli import run_cli
-from detfocal.config import config_from_dict, data_paths, dataset_kwargs, import_modules, load_config, model_kwargs
+from detfocal.config import config_from_dict, data_paths, dataset_kwargs, load_config, model_kwargs
 from detfocal.data import CocoDetection, build_transforms, collate_fn
 from detfocal.engine import evaluate, format_summary
 from detfocal.evaluation import CocoEvaluator, write_plots
@@ -58,7 +58,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing:
         raise ValueError(f"checkpoint {args.checkpoint} has no {missing}; is it a tools/train.py checkpoint?")
     cfg = load_config(args.config, args.set) if args.config else config_from_dict(checkpoint["config"], args.set)
-    import_modules(cfg.imports)
     out_dir = args.out_dir or args.checkpoint.parent / "eval"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -27,7 +27,7 @@ from torchvision.utils import draw_bounding_boxes
 import detfocal.models  # noqa: F401  (registers the built-in backbones, heads and detectors)
 from detfocal.checkpoint import load_checkpoint
 from detfocal.cli import run_cli
-from detfocal.config import config_from_dict, import_modules, model_kwargs
+from detfocal.config import config_from_dict, model_kwargs
 from detfocal.registry import DETECTORS
 
 # Tableau's 10 colours: one per class (cycled), so a class keeps its colour across images.
@@ -54,7 +54,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "config" not in checkpoint or "category_names" not in checkpoint:
         raise ValueError(f"checkpoint {args.checkpoint} has no config or category names; is it a tools/train.py checkpoint?")
     cfg = config_from_dict(checkpoint["config"])
-    import_modules(cfg.imports)
     names = list(checkpoint["category_names"])
     kwargs = model_kwargs(cfg, checkpoint["num_classes"]) | {"weights_backbone": None, "score_thresh": args.score_thresh}
     model = DETECTORS.get(cfg.model.type)(**kwargs)

@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 import detfocal.models  # noqa: F401  (registers the built-in backbones, heads and detectors)
 from detfocal.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from detfocal.cli import run_cli
-from detfocal.config import (config_to_dict, config_to_yaml, data_paths, dataset_kwargs, import_modules, load_config,
+from detfocal.config import (config_to_dict, config_to_yaml, data_paths, dataset_kwargs, load_config,
                              model_kwargs, optimizer_kwargs, scheduler_kwargs, transform_kwargs)
 from detfocal.data import CocoDetection, build_transforms, collate_fn
 from detfocal.distributed import cleanup, init_distributed
@@ -90,7 +90,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.print_config:
         print(config_to_yaml(cfg), end="")
         return 0
-    import_modules(cfg.imports)
     out_dir = args.output_dir or Path("runs") / Path(args.config).stem
     checkpoint = None
     if args.resume is not None:
