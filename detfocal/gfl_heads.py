@@ -24,8 +24,9 @@ from torch import Tensor, nn
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.retinanet import RetinaNetHead
 
-from .heads import IGNORE_LABEL, FocalClassificationHead, _check_no_bad_values, normalize_by_foreground
+from .heads import IGNORE_LABEL, MATCHED_IDXS_EXPECTED, FocalClassificationHead, normalize_by_foreground
 from .losses import quality_focal_loss, varifocal_loss
+from .losses._checks import check_unit_interval, check_values
 from .registry import HEADS
 
 __all__ = ["QualityFocalClassificationHead", "VarifocalClassificationHead", "box_quality_targets",
@@ -122,7 +123,7 @@ def box_quality_targets(
         matched = torch.stack(list(matched_idxs)).to(device=device, dtype=torch.long)  # B x (N,) -> (B, N)
         num_boxes = torch.tensor([len(boxes) for boxes in boxes_per_image], device=device)
         bad = (matched < -2) | (matched >= num_boxes[:, None])
-        _check_no_bad_values(bad, matched, "matched_idxs holds {}, expected -2, -1 or the index of a box of that image")
+        check_values(matched, bad, "matched_idxs", MATCHED_IDXS_EXPECTED)
 
         codes = bbox_regression.detach().to(dtype)
         anchors_all = torch.stack(list(anchors)).to(device=device, dtype=dtype)  # B x (N, 4) -> (B, N, 4)
@@ -192,8 +193,7 @@ class _BoxQualityHead(FocalClassificationHead):
                              f"{getattr(quality, 'dtype', type(quality).__name__)} of shape "
                              f"{tuple(getattr(quality, 'shape', ()))}")
         quality = quality.detach()
-        _check_no_bad_values(~((quality >= 0) & (quality <= 1)), quality,  # written so that NaN counts as bad
-                             "quality holds {}, expected IoU targets in [0, 1]")
+        check_unit_interval(quality, "quality")
 
         foreground = (labels >= 0) & (labels < self.num_classes)  # (B, N)
         return normalize_by_foreground(self._loss_sum(cls_logits, labels, foreground, quality), foreground)

@@ -20,6 +20,7 @@ from torchvision.ops import Conv2dNormActivation
 
 from .distributed import all_reduce_sum, get_world_size
 from .losses import sigmoid_focal_loss
+from .losses._checks import check_values
 from .registry import HEADS
 
 __all__ = ["BELOW_LOW_THRESHOLD", "BETWEEN_THRESHOLDS", "EMA_INITIAL_VALUE", "IGNORE_LABEL", "NORMALIZATIONS",
@@ -30,21 +31,9 @@ IGNORE_LABEL = -1  # label of an anchor that takes no loss
 # torchvision's det_utils.Matcher codes in matched_idxs.
 BELOW_LOW_THRESHOLD = -1  # background
 BETWEEN_THRESHOLDS = -2  # ignored
+MATCHED_IDXS_EXPECTED = "-2, -1 or the index of a box of that image"
 # detectron2's initial value of the foreground-count EMA (RetinaNet, loss_normalizer = 100).
 EMA_INITIAL_VALUE = 100.0
-
-
-def _check_no_bad_values(bad: Tensor, values: Tensor, message: str) -> None:
-    """Raise ``ValueError(message.format(value))`` if any ``bad``; an async device assert off the CPU.
-
-    Reading values back is free on CPU. On CUDA it would stall the stream once per step,
-    so there the check is a device-side assert that fires at the next sync instead.
-    """
-    if values.device.type == "cpu":
-        if bool(bad.any()):
-            raise ValueError(message.format(values[bad][0].item()))
-    elif bad.numel() > 0:
-        torch._assert_async(~bad.any(), message.format("out of range"))
 
 
 def _check_normalization(normalization: str) -> None:
@@ -224,12 +213,11 @@ def labels_from_matched_idxs(targets: Sequence[Mapping[str, Tensor]], matched_id
         labels_per_image.append(labels.to(device=device, dtype=torch.long))
 
     all_labels = torch.cat(labels_per_image)
-    _check_no_bad_values((all_labels < 0) | (all_labels >= num_classes), all_labels,
-                         f"targets hold label {{}}, expected labels in [0, num_classes={num_classes}) "
-                         f"(num_classes itself is background and is not a box label)")
+    check_values(all_labels, (all_labels < 0) | (all_labels >= num_classes), "targets",
+                 f"labels in [0, num_classes={num_classes}) (num_classes itself is background and is not a box label)")
     num_boxes = torch.tensor([len(labels) for labels in labels_per_image], device=device)
     bad = (matched < BETWEEN_THRESHOLDS) | (matched >= num_boxes[:, None])
-    _check_no_bad_values(bad, matched, "matched_idxs holds {}, expected -2, -1 or the index of a box of that image")
+    check_values(matched, bad, "matched_idxs", MATCHED_IDXS_EXPECTED)
 
     # Padded label table: a per-image loop of B small copies; the gather below is batched.
     max_boxes = max(len(labels) for labels in labels_per_image)

@@ -219,7 +219,7 @@ def test_labels_of_wrong_shape_raise_value_error():
 def test_target_label_not_below_num_classes_raises_value_error():
     logits, targets, matched_idxs = make_batch()
     targets[0]["labels"] = torch.tensor([0, NUM_CLASSES, 1])
-    with pytest.raises(ValueError, match=rf"label {NUM_CLASSES}, expected labels in \[0, num_classes={NUM_CLASSES}\)"):
+    with pytest.raises(ValueError, match=rf"holds {NUM_CLASSES}, expected labels in \[0, num_classes={NUM_CLASSES}\)"):
         FocalClassificationHead(8, 9, NUM_CLASSES).compute_loss(targets, {"cls_logits": logits}, matched_idxs)
 
 

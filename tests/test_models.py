@@ -85,7 +85,7 @@ def test_target_label_equal_to_num_classes_raises_value_error():
     model = build_retinanet(3, "resnet18", **SMALL).train()
     images, targets = small_batch()
     targets[0]["labels"] = torch.tensor([0, 3])
-    with pytest.raises(ValueError, match=r"label 3, expected labels in \[0, num_classes=3\)"):
+    with pytest.raises(ValueError, match=r"holds 3, expected labels in \[0, num_classes=3\)"):
         model(images, targets)
 
 

@@ -3,11 +3,49 @@ from __future__ import annotations
 
 from typing import Sequence, Union
 
+import math
+
 import torch
 from torch import Tensor
 
 AlphaLike = Union[float, Sequence[float], Tensor, None]
 REDUCTIONS = ("none", "mean", "sum")
+INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def check_values(values: Tensor, bad: Tensor, name: str, expected: str) -> None:
+    """Raise ``ValueError("{name} holds {first bad value}, expected {expected}")`` where ``bad`` is True.
+
+    Reading values back is free on CPU. On CUDA it would stall the stream once per call,
+    so there it is an asynchronous device-side assert that fires at the next sync instead.
+    """
+    if bad.numel() == 0:
+        return
+    if bad.device.type == "cpu":
+        if bool(bad.any()):
+            raise ValueError(f"{name} holds {values[bad][0].item()}, expected {expected}")
+    else:
+        torch._assert_async(~bad.any(), f"{name} holds a value out of range, expected {expected}")
+
+
+def check_unit_interval(values: Tensor, name: str) -> None:
+    bad = ~((values >= 0) & (values <= 1))  # written so that NaN counts as bad
+    check_values(values, bad, name, "values in [0, 1]")
+
+
+def check_real(value: float, name: str, *, positive: bool = False) -> float:
+    value = float(value)
+    ok = value > 0 if positive else value >= 0  # comparisons with NaN are False: NaN is rejected
+    if not (ok and math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite real number {'> 0' if positive else '>= 0'}, got {value}")
+    return value
+
+
+def check_eps(eps: float) -> float:
+    eps = float(eps)
+    if not 0.0 < eps < 0.5:
+        raise ValueError(f"eps must be in (0, 0.5), got {eps}")
+    return eps
 
 
 def check_logits(logits: Tensor, name: str = "logits") -> None:
@@ -47,8 +85,7 @@ def check_int_labels(labels: Tensor, logits: Tensor, ignore_index: int, name: st
                      background_ok: bool = True) -> None:
     """Integer class indices of shape ``logits.shape[:-1]`` in [0, C] (C only if ``background_ok``) or ignore_index.
 
-    The value check reads the labels back, which is free on CPU. On CUDA it would be a
-    host sync per call, so there it is an asynchronous device-side assert instead.
+    The value check is ``check_values``: immediate on CPU, an asynchronous assert on CUDA.
     """
     if labels.shape != logits.shape[:-1]:
         raise ValueError(
@@ -57,14 +94,8 @@ def check_int_labels(labels: Tensor, logits: Tensor, ignore_index: int, name: st
     num_classes = logits.shape[-1]
     high = num_classes if background_ok else num_classes - 1
     bad = ((labels < 0) | (labels > high)) & (labels != ignore_index)
-    if labels.device.type == "cpu":
-        if bool(bad.any()):
-            value = labels[bad][0].item()
-            raise ValueError(
-                f"{name} holds label {value}, expected values in [0, {high}]"
-                f"{' (C = background)' if background_ok else ''} or ignore_index={ignore_index}")
-    elif labels.numel() > 0:
-        torch._assert_async(~bad.any(), f"{name} holds labels outside [0, {high}] other than ignore_index")
+    check_values(labels, bad, name, f"labels in [0, {high}]{' (C = background)' if background_ok else ''} "
+                                    f"or ignore_index={ignore_index}")
 
 
 def alpha_tensor(alpha: AlphaLike, logits: Tensor, dtype: torch.dtype) -> Tensor | None:
@@ -99,6 +130,5 @@ def alpha_tensor(alpha: AlphaLike, logits: Tensor, dtype: torch.dtype) -> Tensor
                 f"{tuple(logits.shape[:-1])} (per row) or broadcast to {tuple(logits.shape)}, "
                 f"got shape {tuple(tensor.shape)}") from None
         shaped = tensor
-    if tensor.numel() and tensor.device.type == "cpu" and bool(((tensor < 0) | (tensor > 1)).any()):
-        raise ValueError(f"alpha values must lie in [0, 1], got min {tensor.min().item()} max {tensor.max().item()}")
+    check_unit_interval(tensor, "alpha")
     return shaped

@@ -30,47 +30,11 @@ from . import _checks
 from ._checks import AlphaLike
 from .focal import softmax_focal_loss
 
-_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 # --------------------------------------------------------------------------------------
 # Shared helpers.
 # --------------------------------------------------------------------------------------
-def _check_values(values: Tensor, bad: Tensor, expected: str) -> None:
-    """Raise ``ValueError(f"{expected}, got <first bad value>")`` where ``bad`` holds a True.
-
-    Same policy as ``_checks.check_int_labels``: reading values back is free on CPU; on
-    CUDA it would stall every call, so there it is an asynchronous device-side assert.
-    """
-    if bad.numel() == 0:
-        return
-    if bad.device.type == "cpu":
-        if bool(bad.any()):
-            raise ValueError(f"{expected}, got {values[bad][0].item()}")
-    else:
-        torch._assert_async(~bad.any(), expected)
-
-
-def _check_unit_interval(values: Tensor, name: str) -> None:
-    bad = ~((values >= 0) & (values <= 1))  # written so that NaN counts as bad
-    _check_values(values, bad, f"{name} must lie in [0, 1]")
-
-
-def _check_real(value: float, name: str, *, positive: bool = False) -> float:
-    value = float(value)
-    ok = value > 0 if positive else value >= 0  # comparisons with NaN are False: NaN is rejected
-    if not (ok and math.isfinite(value)):
-        raise ValueError(f"{name} must be a finite real number {'> 0' if positive else '>= 0'}, got {value}")
-    return value
-
-
-def _check_eps(eps: float) -> float:
-    eps = float(eps)
-    if not 0.0 < eps < 0.5:
-        raise ValueError(f"eps must be in (0, 0.5), got {eps}")
-    return eps
-
-
 def _grad_floor(dtype: torch.dtype) -> float:
     """The smallest denominator d whose slope 1/d (times up to ~4) still fits ``dtype``.
 
@@ -96,9 +60,9 @@ def _dense_targets(targets: Tensor, logits: Tensor, ignore_index: int, dtype: to
             raise ValueError(
                 f"{name} with a float dtype must have shape {tuple(logits.shape)}, got {tuple(targets.shape)}; "
                 f"integer class labels take shape {tuple(logits.shape[:-1])}")
-        _check_unit_interval(targets, name)
+        _checks.check_unit_interval(targets, name)
         return targets.to(dtype), None
-    if targets.dtype not in _INT_DTYPES:
+    if targets.dtype not in _checks.INT_DTYPES:
         raise ValueError(f"{name} must be a float tensor of shape {tuple(logits.shape)} or an integer tensor of "
                          f"shape {tuple(logits.shape[:-1])}, got dtype {targets.dtype}")
     _checks.check_int_labels(targets, logits, ignore_index, name)
@@ -145,7 +109,7 @@ def _clamped_probs(probs: Tensor, eps: float, dtype: torch.dtype) -> tuple[Tenso
 
 def _check_probs(probs: Tensor) -> None:
     _checks.check_logits(probs, "probs")
-    _check_unit_interval(probs, "probs")
+    _checks.check_unit_interval(probs, "probs")
 
 
 def focal_loss_with_probs(
@@ -194,7 +158,7 @@ def focal_loss_with_probs(
     _check_probs(probs)
     _checks.check_reduction(reduction)
     gamma = _checks.check_gamma(gamma)
-    eps = _check_eps(eps)
+    eps = _checks.check_eps(eps)
     dtype = _checks.compute_dtype(probs)
     alpha_t = _checks.alpha_tensor(alpha, probs, dtype)
     t, valid = _dense_targets(targets, probs, ignore_index, dtype)
@@ -266,17 +230,17 @@ def nll_loss_with_probs(
     """
     _check_probs(probs)
     _checks.check_reduction(reduction)
-    eps = max(_check_eps(eps), _grad_floor(probs.dtype))
+    eps = max(_checks.check_eps(eps), _grad_floor(probs.dtype))
     dtype = _checks.compute_dtype(probs)
     log_p = torch.log(probs.to(dtype).clamp(min=eps))
     if isinstance(target, Tensor) and target.is_floating_point():
         if target.shape != probs.shape:
             raise ValueError(f"target with a float dtype must have shape {tuple(probs.shape)}, "
                              f"got {tuple(target.shape)}")
-        _check_unit_interval(target, "target")
+        _checks.check_unit_interval(target, "target")
         loss = -(target.to(dtype) * log_p).sum(-1)
         count = torch.tensor(loss.numel(), dtype=dtype, device=loss.device)
-    elif isinstance(target, Tensor) and target.dtype in _INT_DTYPES:
+    elif isinstance(target, Tensor) and target.dtype in _checks.INT_DTYPES:
         _checks.check_int_labels(target, probs, ignore_index, "target", background_ok=False)
         valid = target != ignore_index
         index = torch.where(valid, target.long(), torch.zeros_like(target, dtype=torch.long))
@@ -333,7 +297,7 @@ def sigmoid_focal_loss_star(
     """
     _checks.check_logits(logits)
     _checks.check_reduction(reduction)
-    gamma = _check_real(gamma, "gamma", positive=True)
+    gamma = _checks.check_real(gamma, "gamma", positive=True)
     beta = float(beta)
     if not math.isfinite(beta):
         raise ValueError(f"beta must be a finite real number, got {beta}")
@@ -382,7 +346,7 @@ def alpha_from_object_counts(num_objs: Tensor | Sequence[float]) -> Tensor:
     if counts.dim() != 1 or counts.numel() == 0:
         raise ValueError(f"num_objs must be a non-empty 1-d sequence of per-image counts, got shape {tuple(counts.shape)}")
     counts = counts.to(torch.float64 if counts.dtype == torch.float64 else torch.float32)
-    _check_values(counts, ~(torch.isfinite(counts) & (counts >= 0)), "num_objs must be finite and >= 0")
+    _checks.check_values(counts, ~(torch.isfinite(counts) & (counts >= 0)), "num_objs", "finite counts >= 0")
     # All-zero counts: 0 / tiny = 0 instead of 0 / 0.
     return (counts / counts.mean().clamp(min=torch.finfo(counts.dtype).tiny)).clamp(0.0, 1.0)
 
@@ -430,7 +394,7 @@ def focal_cosine_loss(
     Raises:
         ValueError: bad logits, target, gamma, alpha, cosine_weight or reduction.
     """
-    cosine_weight = _check_real(cosine_weight, "cosine_weight")
+    cosine_weight = _checks.check_real(cosine_weight, "cosine_weight")
     # softmax_focal_loss validates logits, target, gamma, alpha and reduction.
     focal = softmax_focal_loss(logits, target, alpha, gamma, reduction, ignore_index)
     dtype = _checks.compute_dtype(logits)

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _checks
-from .family import _INT_DTYPES, _check_real, _check_unit_interval
 from .focal import _reduce, _SavedGradFunction
 
 __all__ = ["quality_focal_loss", "varifocal_loss"]
@@ -90,7 +89,7 @@ def quality_focal_loss(
     _checks.check_logits(logits)
     _checks.check_reduction(reduction)
     beta = _checks.check_gamma(beta, "beta")
-    if not isinstance(labels, Tensor) or labels.dtype not in _INT_DTYPES:
+    if not isinstance(labels, Tensor) or labels.dtype not in _checks.INT_DTYPES:
         raise ValueError(f"labels must be an integer tensor of shape {tuple(logits.shape[:-1])}, "
                          f"got {getattr(labels, 'dtype', type(labels).__name__)}")
     _checks.check_int_labels(labels, logits, ignore_index, "labels")
@@ -102,7 +101,7 @@ def quality_focal_loss(
     labels = labels.long()
     valid = labels != ignore_index
     is_pos = valid & (labels >= 0) & (labels < num_classes)
-    _check_unit_interval(scores[is_pos] if scores.device.type == "cpu" else torch.where(is_pos, scores, 0), "scores")
+    _checks.check_unit_interval(scores[is_pos] if scores.device.type == "cpu" else torch.where(is_pos, scores, 0), "scores")
     dtype = _checks.compute_dtype(logits)
     index = torch.where(is_pos, labels, torch.zeros_like(labels)).unsqueeze(-1)  # [...] -> [..., 1]
     keep = is_pos.unsqueeze(-1)
@@ -157,13 +156,13 @@ def varifocal_loss(
     """
     _checks.check_logits(logits)
     _checks.check_reduction(reduction)
-    alpha = _check_real(alpha, "alpha")
+    alpha = _checks.check_real(alpha, "alpha")
     gamma = _checks.check_gamma(gamma)
     if not isinstance(targets, Tensor) or not targets.is_floating_point() or targets.shape != logits.shape:
         raise ValueError(f"targets must be a float tensor of shape {tuple(logits.shape)}, got "
                          f"{tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__}"
                          f"{' ' + str(targets.dtype) if isinstance(targets, Tensor) else ''}")
-    _check_unit_interval(targets, "targets")
+    _checks.check_unit_interval(targets, "targets")
     dtype = _checks.compute_dtype(logits)
     q = targets.to(dtype)
     positive = q > 0
