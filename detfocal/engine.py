@@ -329,6 +329,7 @@ def plot_training_curves(metrics_path: str | Path, out_dir: str | Path) -> list[
 
     matplotlib.use("Agg")  # no display on training machines
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     records = read_metrics(metrics_path)
     out_dir = Path(out_dir)
@@ -352,6 +353,7 @@ def plot_training_curves(metrics_path: str | Path, out_dir: str | Path) -> list[
         for name in ("AP", "AP50", "AP75"):
             axes.plot([r["epoch"] + 1 for r in evaluations], [r[name] for r in evaluations], marker="o", label=name)
         axes.set_xlabel("epoch")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         axes.set_ylabel("COCO box AP (val)")
         axes.set_ylim(0, 1)
         axes.legend()

@@ -311,3 +311,18 @@ def test_non_finite_loss_exits_1_with_one_line_and_keeps_last_checkpoint(tmp_pat
     assert code == 1
     assert len(errors) == 1 and "non-finite loss at epoch 1, step 3" in errors[0] and "classification=inf" in errors[0]
     assert _sha256(out / "last.pth") == good
+
+
+@pytest.mark.slow
+def test_bf16_autocast_with_channels_last_trains_and_evaluates(tmp_path, capsys, one_thread):
+    # The path amp: auto takes on CPUs with AVX-512-BF16/AMX, forced here on any CPU.
+    train = load_tool("train")
+    config = str(ROOT / "configs" / "shapes_retinanet_r18.yaml")
+    out = tmp_path / "run"
+    overrides = tiny_overrides(tmp_path / "shapes") + ["train.amp=bf16", "train.max_iters=2"]
+    assert train.main([config, "--output-dir", str(out), "--set", *overrides]) == 0
+    assert "precision: bf16 autocast + channels_last (set by train.amp)" in capsys.readouterr().out
+    steps = [r for r in engine.read_metrics(out / "metrics.jsonl") if r["type"] == "train"]
+    assert len(steps) == 2 and all(math.isfinite(r["loss"]) for r in steps)
+    state = load_checkpoint(out / "last.pth")
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
