@@ -103,7 +103,11 @@ def test_train_eval_infer_end_to_end(tmp_path):
     assert len(result.stdout.splitlines()) == 2
     for image in images:
         drawn = tmp_path / "drawn" / image.name
-        assert is_png(drawn) and Image.open(drawn).size == Image.open(image).size
+        # 64 px inputs are drawn 8x larger, up to the default --min-draw-size of 512.
+        assert is_png(drawn) and Image.open(drawn).size == tuple(8 * side for side in Image.open(image).size)
+    result = run_tool("tools/infer.py", str(out / "last.pth"), str(images[0]), "--out", str(tmp_path / "same"),
+                      "--min-draw-size", "0")
+    assert result.returncode == 0 and Image.open(tmp_path / "same" / images[0].name).size == Image.open(images[0]).size
 
 
 @pytest.mark.slow
@@ -183,6 +187,8 @@ def test_bad_config_key_exits_2_with_one_line():
     ("train", ["{demo}", "--set", "model.head.gamma=-1"], "error: model.head.gamma: expected >= 0, got -1.0"),
     ("eval", ["{tmp}/none.pth"], "error: checkpoint {tmp}/none.pth does not exist"),
     ("infer", ["{tmp}/none.pth", "{tmp}/none.png", "--out", "{tmp}"], "error: image {tmp}/none.png does not exist"),
+    ("infer", ["{tmp}/none.pth", "{tmp}/none.png", "--out", "{tmp}", "--min-draw-size", "-1"],
+     "error: --min-draw-size: expected pixels >= 0, got -1"),
 ])
 def test_user_errors_are_one_line_and_exit_2(tools, tmp_path, capsys, tool, argv, message):
     (tmp_path / "bad_type.yaml").write_text("_base_: " + str(DEMO) + "\ntrain: {epochs: ten}\n")

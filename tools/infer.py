@@ -40,6 +40,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="PNG or JPEG files")
     parser.add_argument("--out", type=Path, required=True, help="folder for the drawn PNGs")
     parser.add_argument("--score-thresh", type=float, default=0.5, help="lowest score drawn (default 0.5)")
+    parser.add_argument("--min-draw-size", type=int, default=512, metavar="PX",
+                        help="enlarge smaller images by a whole factor until their longer side reaches PX before "
+                             "drawing, so the labels stay readable (default 512; 0: draw at the input size)")
     return parser.parse_args(argv)
 
 
@@ -47,6 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if not 0.0 <= args.score_thresh <= 1.0:
         raise ValueError(f"--score-thresh: expected a score in [0, 1], got {args.score_thresh}")
+    if args.min_draw_size < 0:
+        raise ValueError(f"--min-draw-size: expected pixels >= 0, got {args.min_draw_size}")
     missing = [str(path) for path in args.images if not path.is_file()]
     if missing:
         raise FileNotFoundError(f"image {missing[0]} does not exist" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
@@ -75,6 +80,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         label_names = [names[label] if label < len(names) else str(label) for label in labels.tolist()]
         texts = [f"{name} {score:.2f}" for name, score in zip(label_names, scores.tolist())]
         colors = [PALETTE[label % len(PALETTE)] for label in labels.tolist()]
+        # The label font is a fixed ~11 px: on a 128 px image it would cover the objects. Whole
+        # factors with pixel repetition keep the image's pixels crisp and the boxes exact.
+        factor = max(1, -(-args.min_draw_size // max(image.shape[1:])))  # ceil division
+        if factor > 1:
+            image = image.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)
+            boxes = boxes * factor
         drawn = draw_bounding_boxes(image, boxes, labels=texts, colors=colors, width=2) if len(boxes) else image
         # Two inputs with the same name (from different folders) must not overwrite each other.
         stem, index = path.stem, 1
