@@ -17,6 +17,7 @@ labels in [0, C), C is background and -1 is ignored.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -152,7 +153,7 @@ def _check_nonnegative(value: float, name: str) -> float:
     return value
 
 
-class _BoxQualityHead(FocalClassificationHead):
+class _BoxQualityHead(FocalClassificationHead, ABC):
     """The shared part of the QFL and VFL heads: input checks and the "batch" normaliser."""
 
     # Read by retinanet_head_loss: this head's compute_loss needs quality=box_quality_targets(...).
@@ -198,8 +199,13 @@ class _BoxQualityHead(FocalClassificationHead):
         foreground = (labels >= 0) & (labels < self.num_classes)  # (B, N)
         return normalize_by_foreground(self._loss_sum(cls_logits, labels, foreground, quality), foreground)
 
+    @abstractmethod
     def _loss_sum(self, cls_logits: Tensor, labels: Tensor, foreground: Tensor, quality: Tensor) -> Tensor:
-        raise NotImplementedError
+        """The summed loss of the batch; ``compute_loss`` divides it by the foreground count.
+
+        Shapes: ``cls_logits`` (B, N, C); ``labels`` (B, N) in [0, C] or -1 (ignored);
+        ``foreground`` (B, N) bool; ``quality`` (B, N) IoU targets in [0, 1].
+        """
 
 
 @HEADS.register("qfl")

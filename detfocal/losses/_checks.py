@@ -1,9 +1,8 @@
 """Argument checks shared by every loss: each error names the argument, the value and what was expected."""
 from __future__ import annotations
 
-from typing import Sequence, Union
-
 import math
+from typing import Sequence, Union
 
 import torch
 from torch import Tensor
