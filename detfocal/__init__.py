@@ -1,15 +1,42 @@
 """detfocal: a sigmoid focal-loss classification head for torchvision RetinaNet detectors.
 
-Importing the package registers the built-in heads ("focal"), backbones (resnet18/34/50/101,
-mobilenet_v3_large) and detectors ("retinanet").
-"""
-from . import backbones, distributed, gfl_heads, heads, models  # noqa: F401  (imports register the built-ins)
-from .heads import FocalClassificationHead, focal_head_loss, labels_from_matched_idxs
-from .losses import SigmoidFocalLoss, sigmoid_focal_loss, softmax_focal_loss
-from .models import FocalRetinaNet, build_retinanet, convert_retinanet
-from .registry import BACKBONES, DETECTORS, HEADS, Registry
+The package is laid out along the data flow: :mod:`detfocal.config` -> :mod:`detfocal.data`
+-> :mod:`detfocal.modeling` (backbone -> FPN -> head) -> :mod:`detfocal.losses` ->
+:mod:`detfocal.engine` -> :mod:`detfocal.evaluation`.
 
-__version__ = "0.1.0"
-__all__ = ["BACKBONES", "DETECTORS", "FocalClassificationHead", "FocalRetinaNet", "HEADS", "Registry",
-           "SigmoidFocalLoss", "build_retinanet", "convert_retinanet", "focal_head_loss", "labels_from_matched_idxs",
-           "sigmoid_focal_loss", "softmax_focal_loss"]
+``import detfocal`` is cheap: the names below load their module (and torch) on first use
+(PEP 562). The registries import their built-in heads, backbones and detectors on first lookup.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.2.0"
+
+# public name -> module that defines it
+_LAZY = {
+    "BACKBONES": "detfocal.registry", "DETECTORS": "detfocal.registry", "HEADS": "detfocal.registry",
+    "Registry": "detfocal.registry",
+    "SigmoidFocalLoss": "detfocal.losses", "sigmoid_focal_loss": "detfocal.losses",
+    "softmax_focal_loss": "detfocal.losses",
+    "FocalClassificationHead": "detfocal.modeling", "focal_head_loss": "detfocal.modeling",
+    "labels_from_matched_idxs": "detfocal.modeling", "FocalRetinaNet": "detfocal.modeling",
+    "build_retinanet": "detfocal.modeling", "convert_retinanet": "detfocal.modeling",
+    "load_config": "detfocal.config",
+    "train": "detfocal.engine.train", "load_model": "detfocal.engine.checkpoint",
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'detfocal' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

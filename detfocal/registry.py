@@ -5,7 +5,8 @@ duplicates, a ``get`` whose error lists what exists, and ``build``.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, TypeVar
+import importlib
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 T = TypeVar("T")
 
@@ -22,9 +23,17 @@ class Registry:
         3
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, builtin_modules: Sequence[str] = ()) -> None:
         self.name = name
         self._entries: dict[str, Callable[..., Any]] = {}
+        # Imported on the first lookup, so ``import detfocal`` stays cheap and the built-ins
+        # are still always there when a config names them.
+        self._builtin_modules = tuple(builtin_modules)
+
+    def _load_builtins(self) -> None:
+        modules, self._builtin_modules = self._builtin_modules, ()
+        for module in modules:
+            importlib.import_module(module)
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator registering ``obj`` under ``name``; a duplicate name raises ``ValueError``."""
@@ -39,6 +48,7 @@ class Registry:
 
     def get(self, name: str) -> Callable[..., Any]:
         """Return what is registered as ``name``; an unknown name raises ``KeyError`` listing the known ones."""
+        self._load_builtins()
         if name not in self._entries:
             raise KeyError(f"{self.name}: unknown type {name!r}; registered: {sorted(self._entries)}")
         return self._entries[name]
@@ -51,12 +61,14 @@ class Registry:
         return self.get(cfg["type"])(**kwargs, **extra)
 
     def __contains__(self, name: object) -> bool:
+        self._load_builtins()
         return name in self._entries
 
     def names(self) -> list[str]:
+        self._load_builtins()
         return sorted(self._entries)
 
 
-HEADS = Registry("HEADS")
-BACKBONES = Registry("BACKBONES")
-DETECTORS = Registry("DETECTORS")
+HEADS = Registry("HEADS", ["detfocal.modeling.heads", "detfocal.modeling.quality_heads"])
+BACKBONES = Registry("BACKBONES", ["detfocal.modeling.backbones"])
+DETECTORS = Registry("DETECTORS", ["detfocal.modeling.retinanet"])

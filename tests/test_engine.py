@@ -1,4 +1,4 @@
-"""detfocal.engine and detfocal.checkpoint: schedule, optimizer, precision, checkpoints, resume."""
+"""detfocal.engine.train and detfocal.engine.checkpoint: schedule, optimizer, precision, checkpoints, resume."""
 from __future__ import annotations
 
 import hashlib
@@ -13,8 +13,10 @@ import torch
 from torch import nn
 
 from detfocal import engine
-from detfocal.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
-from detfocal.engine import build_optimizer, build_scheduler, lr_factor, resolve_amp, train_one_epoch
+from detfocal.engine.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from detfocal.engine.optim import build_optimizer, build_scheduler, lr_factor
+from detfocal.engine.precision import resolve_amp
+from detfocal.engine.train import train_one_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -288,7 +290,7 @@ def test_two_epochs_equal_one_epoch_plus_resume(tmp_path, one_thread):
 
 @pytest.mark.slow
 def test_non_finite_loss_exits_1_with_one_line_and_keeps_last_checkpoint(tmp_path, capsys, monkeypatch, one_thread):
-    from detfocal.models import FocalRetinaNet
+    from detfocal.modeling.retinanet import FocalRetinaNet
 
     train = load_tool("train")
     config = str(ROOT / "configs" / "shapes_retinanet_r18.yaml")

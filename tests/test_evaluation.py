@@ -1,4 +1,4 @@
-"""detfocal.evaluation against pycocotools and cocoapi's published numbers."""
+"""detfocal.evaluation.coco against pycocotools and cocoapi's published numbers."""
 from __future__ import annotations
 
 import json
@@ -9,8 +9,9 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from detfocal import evaluation
-from detfocal.evaluation import STAT_NAMES, CocoEvaluator, evaluate_results, write_plots
+from detfocal.evaluation import coco as evaluation
+from detfocal.evaluation.coco import STAT_NAMES, CocoEvaluator, evaluate_results
+from detfocal.evaluation.plots import write_plots
 
 DATA = Path(__file__).resolve().parent / "data"
 GT = DATA / "instances_val2014_100.json"

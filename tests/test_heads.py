@@ -16,7 +16,7 @@ from torch import nn
 from torchvision.models.detection.retinanet import RetinaNetClassificationHead
 from torchvision.ops import box_iou
 
-from detfocal.heads import FocalClassificationHead, focal_head_loss, labels_from_matched_idxs
+from detfocal.modeling.heads import FocalClassificationHead, focal_head_loss, labels_from_matched_idxs
 
 NUM_CLASSES = 4
 
@@ -266,7 +266,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, directory: str) -> None:
     torch.set_num_threads(1)
     from torch.nn.parallel import DistributedDataParallel
 
-    from detfocal import distributed
+    from detfocal.engine import distributed
 
     try:
         init = distributed.init_distributed(backend="gloo")

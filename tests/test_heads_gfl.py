@@ -1,4 +1,4 @@
-"""The QFL and VFL heads (detfocal.gfl_heads) against float64 formulas, focal_head_loss and torchvision."""
+"""The QFL and VFL heads (detfocal.modeling.quality_heads) against float64 formulas, focal_head_loss and torchvision."""
 from __future__ import annotations
 
 import pytest
@@ -8,11 +8,11 @@ from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.retinanet import RetinaNetClassificationHead, RetinaNetHead
 from torchvision.ops import box_iou
 
-# Importing detfocal.gfl_heads registers "qfl" and "vfl" (also before detfocal/__init__.py imports it).
-from detfocal.gfl_heads import (QualityFocalClassificationHead, VarifocalClassificationHead, box_quality_targets,
+# Importing detfocal.modeling.quality_heads registers "qfl" and "vfl" (also before detfocal/__init__.py imports it).
+from detfocal.modeling.quality_heads import (QualityFocalClassificationHead, VarifocalClassificationHead, box_quality_targets,
                                 retinanet_head_loss)
-from detfocal.heads import FocalClassificationHead, focal_head_loss, labels_from_matched_idxs
-from detfocal.models import FocalRetinaNet, build_retinanet
+from detfocal.modeling.heads import FocalClassificationHead, focal_head_loss, labels_from_matched_idxs
+from detfocal.modeling.retinanet import FocalRetinaNet, build_retinanet
 from detfocal.registry import HEADS
 
 F64 = torch.float64

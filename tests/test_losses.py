@@ -388,7 +388,7 @@ def test_backward_twice_through_retained_graph_is_correct():
 # ---------------------------------------------------------------- compiled path (DETFOCAL_COMPILE)
 @pytest.fixture
 def fresh_backend(monkeypatch):
-    from detfocal.losses import _fused
+    from detfocal.losses import compile as _fused
 
     monkeypatch.setattr(_fused, "_compiled", {})
     monkeypatch.setattr(_fused, "_state", {"failed": None, "compile_seconds": {}, "last": "eager"})
@@ -429,7 +429,7 @@ def test_compile_failure_falls_back_to_eager_once_with_warning(fresh_backend, mo
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not __import__("detfocal.losses._fused", fromlist=["x"]).compile_supported("cpu"),
+@pytest.mark.skipif(not __import__("detfocal.losses.compile", fromlist=["x"]).compile_supported("cpu"),
                     reason="torch.compile needs a C++ compiler on CPU")
 def test_compiled_matches_eager_and_does_not_recompile_per_n(fresh_backend, monkeypatch):
     import torch._dynamo

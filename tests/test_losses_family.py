@@ -465,7 +465,7 @@ def test_qfl_score_outside_unit_interval_is_fine_on_non_positive_rows() -> None:
 # Figures.
 # --------------------------------------------------------------------------------------
 def test_focal_loss_curves_follow_the_paper_formulas() -> None:
-    from detfocal.plots import focal_loss_curves
+    from detfocal.evaluation.plots import focal_loss_curves
 
     p_t, losses, grads = focal_loss_curves((0.0, 2.0), num_points=200)
     assert p_t[0] > 0 and p_t[-1] == 1

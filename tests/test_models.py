@@ -14,8 +14,8 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from detfocal.heads import FocalClassificationHead, focal_head_loss, labels_from_matched_idxs
-from detfocal.models import (FocalRetinaNet, build_retinanet, convert_retinanet, match_anchors,
+from detfocal.modeling.heads import FocalClassificationHead, focal_head_loss, labels_from_matched_idxs
+from detfocal.modeling.retinanet import (FocalRetinaNet, build_retinanet, convert_retinanet, match_anchors,
                              resolve_backbone_weights)
 from detfocal.registry import BACKBONES, DETECTORS, HEADS, Registry
 

@@ -19,7 +19,7 @@ from PIL import Image
 from detfocal.cli import run_cli
 from detfocal.config import load_config
 from detfocal.data import make_subset
-from detfocal.evaluation import STAT_NAMES
+from detfocal.evaluation.coco import STAT_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "shapes_retinanet_r18.yaml"

@@ -152,7 +152,7 @@ def _loss_case(spec: dict[str, Any]) -> dict[str, Any]:
             (sigmoid_focal_loss(logits, labels, 0.25, 2.0, "sum") / num_foreground).backward()
     elif impl == "detfocal_head":
         os.environ["DETFOCAL_COMPILE"] = spec.get("compile", "auto")
-        from detfocal.heads import FocalClassificationHead
+        from detfocal.modeling.heads import FocalClassificationHead
 
         head = FocalClassificationHead(8, 9, base.shape[-1]).to(device)
 
@@ -199,7 +199,7 @@ def _loss_case(spec: dict[str, Any]) -> dict[str, Any]:
 def _train_case(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from detfocal.models import build_retinanet
+    from detfocal.modeling.retinanet import build_retinanet
 
     torch.manual_seed(0)
     device = spec["device"]
@@ -248,7 +248,7 @@ def _train_case(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _eval_case(spec: dict[str, Any]) -> dict[str, Any]:
-    from detfocal.evaluation import evaluate_results
+    from detfocal.evaluation.coco import evaluate_results
 
     data = Path(spec["data_dir"])
     gt, results = data / "instances_val2014_100.json", data / "instances_val2014_fakebbox100_results.json"

@@ -31,13 +31,13 @@ from typing import Sequence
 import torch
 from torch.utils.data import DataLoader
 
-import detfocal.models  # noqa: F401  (registers the built-in backbones, heads and detectors)
-from detfocal.checkpoint import load_checkpoint
+import detfocal.modeling.retinanet  # noqa: F401  (registers the built-in backbones, heads and detectors)
+from detfocal.engine.checkpoint import load_checkpoint
 from detfocal.cli import run_cli
 from detfocal.config import config_from_dict, data_paths, dataset_kwargs, load_config, model_kwargs
 from detfocal.data import CocoDetection, build_transforms, collate_fn
-from detfocal.engine import evaluate, format_summary
-from detfocal.evaluation import CocoEvaluator, write_plots
+from detfocal.engine.train import evaluate, format_summary
+from detfocal.evaluation.coco import CocoEvaluator, write_plots
 from detfocal.registry import DETECTORS
 
 

@@ -24,8 +24,8 @@ import torch
 from torchvision.io import ImageReadMode, decode_image, write_png
 from torchvision.utils import draw_bounding_boxes
 
-import detfocal.models  # noqa: F401  (registers the built-in backbones, heads and detectors)
-from detfocal.checkpoint import load_checkpoint
+import detfocal.modeling.retinanet  # noqa: F401  (registers the built-in backbones, heads and detectors)
+from detfocal.engine.checkpoint import load_checkpoint
 from detfocal.cli import run_cli
 from detfocal.config import config_from_dict, model_kwargs
 from detfocal.registry import DETECTORS

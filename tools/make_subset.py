@@ -13,7 +13,8 @@ from typing import Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from detfocal.cli import run_cli  # noqa: E402
-from detfocal.data.subset import make_subset, summarize_subset, write_json_atomic  # noqa: E402
+from detfocal.data.subset import make_subset, summarize_subset
+from detfocal.io import write_json_atomic  # noqa: E402
 
 
 def _split_list(text: str) -> list[str]:

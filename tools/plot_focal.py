@@ -16,7 +16,7 @@ import argparse  # noqa: E402
 from typing import Sequence  # noqa: E402
 
 from detfocal.cli import run_cli  # noqa: E402
-from detfocal.plots import write_figures  # noqa: E402
+from detfocal.evaluation.plots import write_figures  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> int:

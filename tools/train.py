@@ -41,16 +41,16 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-import detfocal.models  # noqa: F401  (registers the built-in backbones, heads and detectors)
-from detfocal.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+import detfocal.modeling.retinanet  # noqa: F401  (registers the built-in backbones, heads and detectors)
+from detfocal.engine.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from detfocal.cli import run_cli
 from detfocal.config import (config_to_dict, config_to_yaml, data_paths, dataset_kwargs, load_config,
                              model_kwargs, optimizer_kwargs, scheduler_kwargs, transform_kwargs)
 from detfocal.data import CocoDetection, build_transforms, collate_fn
-from detfocal.distributed import cleanup, init_distributed
-from detfocal.engine import (append_metrics, build_optimizer, build_scheduler, evaluate, format_summary,
+from detfocal.engine.distributed import cleanup, init_distributed
+from detfocal.engine.train import (append_metrics, build_optimizer, build_scheduler, evaluate, format_summary,
                              plot_training_curves, resolve_amp, train_one_epoch)
-from detfocal.evaluation import STAT_NAMES, CocoEvaluator, write_plots
+from detfocal.evaluation.coco import STAT_NAMES, CocoEvaluator, write_plots
 from detfocal.registry import DETECTORS
 
 

@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
 import random
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -195,23 +193,3 @@ def summarize_subset(dataset: Mapping[str, Any]) -> str:
     """One line: ``N images, M annotations, K categories``."""
     return (f"{len(dataset['images'])} images, {len(dataset['annotations'])} annotations, "
             f"{len(dataset['categories'])} categories")
-
-
-def write_json_atomic(path: str | Path, payload: Any) -> Path:
-    """Write json so that readers see the old file or the complete new one, never a partial one.
-
-    Returns:
-        The path written; its parent folders are created.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
-                                         delete=False, encoding="utf-8")
-    try:
-        with handle:
-            json.dump(payload, handle, separators=(",", ":"))
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-    return path

@@ -1,9 +1,9 @@
 """Focal losses: sigmoid (the detector's loss), softmax, and the rest of the family."""
-from ._fused import backend
+from .compile import backend
 from .family import (alpha_from_object_counts, binary_cross_entropy_with_probs, focal_cosine_loss,
                      focal_loss_with_probs, nll_loss_with_probs, sigmoid_focal_loss_star)
 from .focal import SigmoidFocalLoss, focal_terms, sigmoid_focal_loss, softmax_focal_loss
-from .generalized import quality_focal_loss, varifocal_loss
+from .quality import quality_focal_loss, varifocal_loss
 
 __all__ = ["SigmoidFocalLoss", "backend", "focal_terms", "sigmoid_focal_loss", "softmax_focal_loss",
            "alpha_from_object_counts", "binary_cross_entropy_with_probs", "focal_cosine_loss", "focal_loss_with_probs",

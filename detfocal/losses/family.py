@@ -8,14 +8,14 @@
 
 The generalised focal losses, :func:`~detfocal.losses.quality_focal_loss` (GFL) and
 :func:`~detfocal.losses.varifocal_loss` (VarifocalNet), live in
-:mod:`detfocal.losses.generalized`.
+:mod:`detfocal.losses.quality`.
 
 Conventions follow :mod:`detfocal.losses.focal`: ``[..., C]`` inputs, math in fp32 (fp64
 stays fp64), integer labels with C = background, "none"/"sum"/"mean" reductions, and
 finite gradients at saturated inputs. Every loss here is written with softplus/clamps
 that autograd differentiates safely; the two whose naive autograd would meet inf * 0 (a
 power below 1 of something that reaches 0) compute their gradient analytically, in
-:mod:`detfocal.losses.generalized`, which shares this module's argument checks.
+:mod:`detfocal.losses.quality`, which shares this module's argument checks.
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _checks
-from ._checks import AlphaLike
+from . import checks
+from .checks import AlphaLike
 from .focal import softmax_focal_loss
 
 
@@ -59,12 +59,12 @@ def _dense_targets(targets: Tensor, logits: Tensor, ignore_index: int, dtype: to
             raise ValueError(
                 f"{name} with a float dtype must have shape {tuple(logits.shape)}, got {tuple(targets.shape)}; "
                 f"integer class labels take shape {tuple(logits.shape[:-1])}")
-        _checks.check_unit_interval(targets, name)
+        checks.check_unit_interval(targets, name)
         return targets.to(dtype), None
-    if targets.dtype not in _checks.INT_DTYPES:
+    if targets.dtype not in checks.INT_DTYPES:
         raise ValueError(f"{name} must be a float tensor of shape {tuple(logits.shape)} or an integer tensor of "
                          f"shape {tuple(logits.shape[:-1])}, got dtype {targets.dtype}")
-    _checks.check_int_labels(targets, logits, ignore_index, name)
+    checks.check_int_labels(targets, logits, ignore_index, name)
     labels = targets.long()
     valid = labels != ignore_index
     is_pos = valid & (labels >= 0) & (labels < logits.shape[-1])
@@ -107,8 +107,8 @@ def _clamped_probs(probs: Tensor, eps: float, dtype: torch.dtype) -> tuple[Tenso
 
 
 def _check_probs(probs: Tensor) -> None:
-    _checks.check_logits(probs, "probs")
-    _checks.check_unit_interval(probs, "probs")
+    checks.check_logits(probs, "probs")
+    checks.check_unit_interval(probs, "probs")
 
 
 def focal_loss_with_probs(
@@ -155,11 +155,11 @@ def focal_loss_with_probs(
         >>> focal_loss_with_probs(probs, torch.randint(0, 4, (4, 10)), reduction="sum").backward()
     """
     _check_probs(probs)
-    _checks.check_reduction(reduction)
-    gamma = _checks.check_gamma(gamma)
-    eps = _checks.check_eps(eps)
-    dtype = _checks.compute_dtype(probs)
-    alpha_t = _checks.alpha_tensor(alpha, probs, dtype)
+    checks.check_reduction(reduction)
+    gamma = checks.check_gamma(gamma)
+    eps = checks.check_eps(eps)
+    dtype = checks.compute_dtype(probs)
+    alpha_t = checks.alpha_tensor(alpha, probs, dtype)
     t, valid = _dense_targets(targets, probs, ignore_index, dtype)
     p, p_neg = _clamped_probs(probs, eps, dtype)
     ce = -(t * torch.log(p) + (1 - t) * torch.log(p_neg))
@@ -228,19 +228,19 @@ def nll_loss_with_probs(
         ValueError: probs not floating or outside [0, 1], bad target, eps or reduction.
     """
     _check_probs(probs)
-    _checks.check_reduction(reduction)
-    eps = max(_checks.check_eps(eps), _grad_floor(probs.dtype))
-    dtype = _checks.compute_dtype(probs)
+    checks.check_reduction(reduction)
+    eps = max(checks.check_eps(eps), _grad_floor(probs.dtype))
+    dtype = checks.compute_dtype(probs)
     log_p = torch.log(probs.to(dtype).clamp(min=eps))
     if isinstance(target, Tensor) and target.is_floating_point():
         if target.shape != probs.shape:
             raise ValueError(f"target with a float dtype must have shape {tuple(probs.shape)}, "
                              f"got {tuple(target.shape)}")
-        _checks.check_unit_interval(target, "target")
+        checks.check_unit_interval(target, "target")
         loss = -(target.to(dtype) * log_p).sum(-1)
         count = torch.tensor(loss.numel(), dtype=dtype, device=loss.device)
-    elif isinstance(target, Tensor) and target.dtype in _checks.INT_DTYPES:
-        _checks.check_int_labels(target, probs, ignore_index, "target", background_ok=False)
+    elif isinstance(target, Tensor) and target.dtype in checks.INT_DTYPES:
+        checks.check_int_labels(target, probs, ignore_index, "target", background_ok=False)
         valid = target != ignore_index
         index = torch.where(valid, target.long(), torch.zeros_like(target, dtype=torch.long))
         picked = log_p.gather(-1, index.unsqueeze(-1)).squeeze(-1)  # [..., C] -> [...]
@@ -294,14 +294,14 @@ def sigmoid_focal_loss_star(
     Raises:
         ValueError: gamma <= 0, non-finite beta, or bad logits, targets, alpha or reduction.
     """
-    _checks.check_logits(logits)
-    _checks.check_reduction(reduction)
-    gamma = _checks.check_real(gamma, "gamma", positive=True)
+    checks.check_logits(logits)
+    checks.check_reduction(reduction)
+    gamma = checks.check_real(gamma, "gamma", positive=True)
     beta = float(beta)
     if not math.isfinite(beta):
         raise ValueError(f"beta must be a finite real number, got {beta}")
-    dtype = _checks.compute_dtype(logits)
-    alpha_t = _checks.alpha_tensor(alpha, logits, dtype)
+    dtype = checks.compute_dtype(logits)
+    alpha_t = checks.alpha_tensor(alpha, logits, dtype)
     t, valid = _dense_targets(targets, logits, ignore_index, dtype)
     z = logits.to(dtype)
     loss = (t * F.softplus(-(gamma * z + beta)) + (1 - t) * F.softplus(gamma * z - beta)) / gamma
@@ -345,7 +345,7 @@ def alpha_from_object_counts(num_objs: Tensor | Sequence[float]) -> Tensor:
     if counts.dim() != 1 or counts.numel() == 0:
         raise ValueError(f"num_objs must be a non-empty 1-d sequence of per-image counts, got shape {tuple(counts.shape)}")
     counts = counts.to(torch.float64 if counts.dtype == torch.float64 else torch.float32)
-    _checks.check_values(counts, ~(torch.isfinite(counts) & (counts >= 0)), "num_objs", "finite counts >= 0")
+    checks.check_values(counts, ~(torch.isfinite(counts) & (counts >= 0)), "num_objs", "finite counts >= 0")
     # All-zero counts: 0 / tiny = 0 instead of 0 / 0.
     return (counts / counts.mean().clamp(min=torch.finfo(counts.dtype).tiny)).clamp(0.0, 1.0)
 
@@ -393,10 +393,10 @@ def focal_cosine_loss(
     Raises:
         ValueError: bad logits, target, gamma, alpha, cosine_weight or reduction.
     """
-    cosine_weight = _checks.check_real(cosine_weight, "cosine_weight")
+    cosine_weight = checks.check_real(cosine_weight, "cosine_weight")
     # softmax_focal_loss validates logits, target, gamma, alpha and reduction.
     focal = softmax_focal_loss(logits, target, alpha, gamma, reduction, ignore_index)
-    dtype = _checks.compute_dtype(logits)
+    dtype = checks.compute_dtype(logits)
     x = logits.to(dtype)
     valid = target != ignore_index
     index = torch.where(valid, target.long(), torch.zeros_like(target, dtype=torch.long)).unsqueeze(-1)

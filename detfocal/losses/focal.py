@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _checks
-from ._checks import AlphaLike
-from ._fused import select_backend
+from . import checks
+from .checks import AlphaLike
+from .compile import select_backend
 
 
 # --------------------------------------------------------------------------------------
@@ -243,14 +243,14 @@ def sigmoid_focal_loss(
         >>> loss = sigmoid_focal_loss(logits, labels, reduction="sum")
         >>> loss.backward()
     """
-    _checks.check_logits(logits)
-    _checks.check_reduction(reduction)
-    gamma = _checks.check_gamma(gamma)
-    label_smoothing = _checks.check_smoothing(label_smoothing)
+    checks.check_logits(logits)
+    checks.check_reduction(reduction)
+    gamma = checks.check_gamma(gamma)
+    label_smoothing = checks.check_smoothing(label_smoothing)
     if not isinstance(targets, Tensor):
         raise ValueError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
-    dtype = _checks.compute_dtype(logits)
-    alpha_t = _checks.alpha_tensor(alpha, logits, dtype)
+    dtype = checks.compute_dtype(logits)
+    alpha_t = checks.alpha_tensor(alpha, logits, dtype)
 
     if targets.is_floating_point():
         if targets.shape != logits.shape:
@@ -262,7 +262,7 @@ def sigmoid_focal_loss(
         def fn(z: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
             return backend_fn(z.to(dtype), targets, alpha_t, gamma, reduction, label_smoothing, need_grad)
     elif targets.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-        _checks.check_int_labels(targets, logits, ignore_index)
+        checks.check_int_labels(targets, logits, ignore_index)
         labels = targets.long()
         backend_fn = select_backend(focal_int_targets, logits)
 
@@ -283,12 +283,12 @@ class SigmoidFocalLoss(nn.Module):
     def __init__(self, alpha: AlphaLike = 0.25, gamma: float = 2.0, reduction: str = "none",
                  ignore_index: int = -1, label_smoothing: float = 0.0) -> None:
         super().__init__()
-        _checks.check_reduction(reduction)
+        checks.check_reduction(reduction)
         self.alpha = alpha
-        self.gamma = _checks.check_gamma(gamma)
+        self.gamma = checks.check_gamma(gamma)
         self.reduction = reduction
         self.ignore_index = ignore_index
-        self.label_smoothing = _checks.check_smoothing(label_smoothing)
+        self.label_smoothing = checks.check_smoothing(label_smoothing)
 
     def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
         return sigmoid_focal_loss(logits, targets, self.alpha, self.gamma, self.reduction,
@@ -379,15 +379,15 @@ def softmax_focal_loss(
         >>> logits = torch.randn(8, 5, requires_grad=True)
         >>> softmax_focal_loss(logits, torch.randint(0, 5, (8,)), gamma=2.0).backward()
     """
-    _checks.check_logits(logits)
-    _checks.check_reduction(reduction)
-    gamma = _checks.check_gamma(gamma)
-    label_smoothing = _checks.check_smoothing(label_smoothing)
+    checks.check_logits(logits)
+    checks.check_reduction(reduction)
+    gamma = checks.check_gamma(gamma)
+    label_smoothing = checks.check_smoothing(label_smoothing)
     if not isinstance(target, Tensor) or target.is_floating_point() or target.dtype == torch.bool:
         raise ValueError(f"target must be an integer tensor of shape {tuple(logits.shape[:-1])}, "
                          f"got {getattr(target, 'dtype', type(target).__name__)}")
-    _checks.check_int_labels(target, logits, ignore_index, "target", background_ok=False)
-    dtype = _checks.compute_dtype(logits)
+    checks.check_int_labels(target, logits, ignore_index, "target", background_ok=False)
+    dtype = checks.compute_dtype(logits)
     num_classes = logits.shape[-1]
     alpha_t = None
     if alpha is not None:

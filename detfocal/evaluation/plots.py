@@ -1,4 +1,5 @@
-"""Figures of the focal loss: the paper's Figure 1, its gradients, and FL against FL*.
+"""Figures: the focal loss (the paper's Figure 1, its gradients, FL against FL*), training curves,
+per-class AP and precision-recall curves.
 
 Every curve is computed with detfocal's own losses (and their gradients), so the figures
 double as a visual check of the implementation. matplotlib is imported only when a
@@ -6,14 +7,16 @@ figure is drawn, so ``import detfocal`` does not need it.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from .losses import sigmoid_focal_loss, sigmoid_focal_loss_star
+from detfocal.engine.logging import read_metrics
+from detfocal.evaluation.coco import CocoEvaluator
+from detfocal.losses import sigmoid_focal_loss, sigmoid_focal_loss_star
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -80,17 +83,16 @@ def fl_star_curves(x_range: tuple[float, float] = (-5.0, 5.0),
     return x_t, curves
 
 
-def _new_figure(**kwargs) -> "Figure":
-    try:
-        import matplotlib
-    except ImportError as exc:
-        raise ImportError("detfocal.plots needs matplotlib: pip install matplotlib") from exc
-    # Headless machines have no display. Leave the backend alone if pyplot is already in
-    # use (an interactive session or a notebook); Figure.savefig needs no pyplot either way.
-    if "matplotlib.pyplot" not in sys.modules:
-        matplotlib.use("Agg")
-    from matplotlib.figure import Figure
+def new_figure(**kwargs: Any) -> "Figure":
+    """A matplotlib ``Figure`` not attached to pyplot.
 
+    ``Figure.savefig`` needs no backend, so this works on headless machines and leaves a
+    notebook's or an interactive session's backend alone.
+    """
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise ImportError("detfocal.evaluation.plots needs matplotlib: pip install matplotlib") from exc
     return Figure(**kwargs)
 
 
@@ -101,7 +103,7 @@ def _gamma_label(gamma: float) -> str:
 def figure_focal_loss(gammas: Sequence[float] = FIGURE1_GAMMAS) -> "Figure":
     """Lin et al. 2017, Figure 1: FL against the probability of the ground-truth class."""
     p_t, losses, _ = focal_loss_curves(gammas)
-    fig = _new_figure(figsize=(6.4, 4.8), layout="constrained")
+    fig = new_figure(figsize=(6.4, 4.8), layout="constrained")
     ax = fig.add_subplot()
     for gamma in gammas:
         ax.plot(p_t.numpy(), losses[gamma].numpy(), label=_gamma_label(gamma), linewidth=2)
@@ -122,7 +124,7 @@ def figure_focal_loss(gammas: Sequence[float] = FIGURE1_GAMMAS) -> "Figure":
 def figure_focal_gradient(gammas: Sequence[float] = FIGURE1_GAMMAS) -> "Figure":
     """The gradient magnitude |dFL/dx| against p_t (from autograd of detfocal's loss)."""
     p_t, _, grads = focal_loss_curves(gammas)
-    fig = _new_figure(figsize=(6.4, 4.8), layout="constrained")
+    fig = new_figure(figsize=(6.4, 4.8), layout="constrained")
     ax = fig.add_subplot()
     for gamma in gammas:
         ax.plot(p_t.numpy(), grads[gamma].numpy(), label=_gamma_label(gamma), linewidth=2)
@@ -139,7 +141,7 @@ def figure_focal_gradient(gammas: Sequence[float] = FIGURE1_GAMMAS) -> "Figure":
 def figure_fl_star() -> "Figure":
     """Lin et al. 2017, appendix Figures 5 and 6: CE, FL and FL* and their derivatives against x_t."""
     x_t, curves = fl_star_curves()
-    fig = _new_figure(figsize=(11, 4.5), layout="constrained")
+    fig = new_figure(figsize=(11, 4.5), layout="constrained")
     ax_loss, ax_grad = fig.subplots(1, 2)
     for label, (loss, grad) in curves.items():
         ax_loss.plot(x_t.numpy(), loss.numpy(), label=label, linewidth=2)
@@ -183,3 +185,126 @@ def write_figures(out_dir: str | Path) -> list[Path]:
                        ("fl_star", figure_fl_star)):
         paths += save_figure(draw(), out_dir, name)
     return paths
+
+
+# --------------------------------------------------------------------------------------
+# Training runs and evaluations.
+# --------------------------------------------------------------------------------------
+def plot_training_curves(metrics_path: str | Path, out_dir: str | Path) -> list[Path]:
+    """Write ``loss.png`` (train losses by step) and, if any evaluation ran, ``ap.png`` (AP by epoch).
+
+    Returns:
+        The paths written.
+    """
+    from matplotlib.ticker import MaxNLocator
+
+
+    records = read_metrics(metrics_path)
+    out_dir = Path(out_dir)
+    written = []
+    steps = [r for r in records if r.get("type") == "train"]
+    if steps:
+        figure = new_figure(figsize=(7, 4), layout="constrained")
+        axes = figure.add_subplot()
+        for name in ("loss", "classification", "bbox_regression"):
+            axes.plot([r["step"] for r in steps], [r[name] for r in steps], label=name)
+        axes.set_xlabel("iteration")
+        axes.set_ylabel("loss")
+        axes.set_yscale("log")
+        axes.legend()
+        figure.savefig(out_dir / "loss.png")
+        written.append(out_dir / "loss.png")
+    evaluations = [r for r in records if r.get("type") == "epoch" and "AP" in r]
+    if evaluations:
+        figure = new_figure(figsize=(7, 4), layout="constrained")
+        axes = figure.add_subplot()
+        for name in ("AP", "AP50", "AP75"):
+            axes.plot([r["epoch"] + 1 for r in evaluations], [r[name] for r in evaluations], marker="o", label=name)
+        axes.set_xlabel("epoch")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+        axes.set_ylabel("COCO box AP (val)")
+        axes.set_ylim(0, 1)
+        axes.legend()
+        figure.savefig(out_dir / "ap.png")
+        written.append(out_dir / "ap.png")
+    return written
+
+
+def plot_per_class_ap(summary_or_evaluator: Mapping[str, Any] | CocoEvaluator, path: str | Path) -> Path:
+    """Write a horizontal bar chart of per-class AP as a PNG; classes without ground truth are left out.
+
+    Args:
+        summary_or_evaluator: a summary dict (with "per_class") or an evaluator (summarized
+            now if it has not been).
+        path: output PNG path.
+
+    Returns:
+        The path written.
+    """
+
+    if isinstance(summary_or_evaluator, CocoEvaluator):
+        summary = summary_or_evaluator.summary or summary_or_evaluator.summarize()
+    else:
+        summary = summary_or_evaluator
+    if "per_class" not in summary:
+        raise ValueError(f"summary_or_evaluator: expected a summary with 'per_class', got keys {sorted(summary)}")
+    items = [(name, ap) for name, ap in summary["per_class"].items() if ap >= 0]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure = new_figure(figsize=(6, 1.5 + 0.25 * len(items)), layout="constrained")
+    axes = figure.add_subplot()
+    axes.barh([name for name, _ in items], [ap for _, ap in items], color="tab:blue")
+    axes.invert_yaxis()  # first class on top
+    axes.set_xlim(0, 1)
+    axes.set_xlabel("AP (IoU 0.50:0.95)")
+    axes.set_title(f"Per-class AP, mean {summary.get('AP', float('nan')):.3f}")
+    figure.savefig(path, format="png")
+    return path
+
+
+def plot_pr_curves(evaluator: CocoEvaluator, path: str | Path) -> Path:
+    """Write precision-recall curves at IoU 0.5 and 0.75 (area all, 100 detections) as a PNG.
+
+    Each panel shows every class as a thin line and their mean, over classes with ground
+    truth, as a thick line. The evaluator is summarized now if it has not been.
+
+    Args:
+        evaluator: the evaluator whose ``coco_eval.eval["precision"]`` is plotted.
+        path: output PNG path.
+
+    Returns:
+        The path written.
+    """
+
+    if evaluator.coco_eval is None:
+        evaluator.summarize()
+    coco_eval = evaluator.coco_eval
+    precision = coco_eval.eval["precision"]  # (T, R, K, A, M)
+    recall = coco_eval.params.recThrs
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure = new_figure(figsize=(10, 4.5), layout="constrained")
+    panels = figure.subplots(1, 2, sharey=True)
+    for axes, iou in zip(panels, (0.5, 0.75)):
+        t = int(np.argmin(np.abs(coco_eval.params.iouThrs - iou)))
+        curves = precision[t, :, :, 0, -1].T  # (R, K) -> (K, R)
+        curves = curves[(curves > -1).all(axis=1)]  # classes without ground truth are all -1
+        for curve in curves:
+            axes.plot(recall, curve, color="tab:gray", linewidth=0.5, alpha=0.6)
+        if len(curves):
+            mean = curves.mean(axis=0)
+            axes.plot(recall, mean, color="tab:red", linewidth=2, label=f"mean, AP{int(iou * 100)} = {mean.mean():.3f}")
+            axes.legend(loc="lower left")
+        axes.set_title(f"IoU {iou}")
+        axes.set_xlabel("recall")
+        axes.set_xlim(0, 1)
+        axes.set_ylim(0, 1.01)
+    panels[0].set_ylabel("precision")
+    figure.savefig(path, format="png")
+    return path
+
+
+def write_plots(evaluator: CocoEvaluator, out_dir: str | Path) -> list[Path]:
+    """Write ``per_class_ap.png`` and ``pr_curves.png`` into ``out_dir``; return their paths."""
+    out_dir = Path(out_dir)
+    return [plot_per_class_ap(evaluator, out_dir / "per_class_ap.png"), plot_pr_curves(evaluator, out_dir / "pr_curves.png")]

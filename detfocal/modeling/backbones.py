@@ -20,7 +20,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from .registry import BACKBONES
+from detfocal.registry import BACKBONES
 
 __all__ = ["resolve_backbone_weights"]
 

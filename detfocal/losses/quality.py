@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _checks
+from . import checks
 from .focal import _reduce, _SavedGradFunction
 
 __all__ = ["quality_focal_loss", "varifocal_loss"]
@@ -86,13 +86,13 @@ def quality_focal_loss(
     Raises:
         ValueError: bad logits, labels, scores (shape, dtype, positives outside [0, 1]), beta or reduction.
     """
-    _checks.check_logits(logits)
-    _checks.check_reduction(reduction)
-    beta = _checks.check_gamma(beta, "beta")
-    if not isinstance(labels, Tensor) or labels.dtype not in _checks.INT_DTYPES:
+    checks.check_logits(logits)
+    checks.check_reduction(reduction)
+    beta = checks.check_gamma(beta, "beta")
+    if not isinstance(labels, Tensor) or labels.dtype not in checks.INT_DTYPES:
         raise ValueError(f"labels must be an integer tensor of shape {tuple(logits.shape[:-1])}, "
                          f"got {getattr(labels, 'dtype', type(labels).__name__)}")
-    _checks.check_int_labels(labels, logits, ignore_index, "labels")
+    checks.check_int_labels(labels, logits, ignore_index, "labels")
     if not isinstance(scores, Tensor) or not scores.is_floating_point() or scores.shape != labels.shape:
         raise ValueError(f"scores must be a float tensor of shape {tuple(labels.shape)}, got "
                          f"{tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__}"
@@ -101,8 +101,8 @@ def quality_focal_loss(
     labels = labels.long()
     valid = labels != ignore_index
     is_pos = valid & (labels >= 0) & (labels < num_classes)
-    _checks.check_unit_interval(scores[is_pos] if scores.device.type == "cpu" else torch.where(is_pos, scores, 0), "scores")
-    dtype = _checks.compute_dtype(logits)
+    checks.check_unit_interval(scores[is_pos] if scores.device.type == "cpu" else torch.where(is_pos, scores, 0), "scores")
+    dtype = checks.compute_dtype(logits)
     index = torch.where(is_pos, labels, torch.zeros_like(labels)).unsqueeze(-1)  # [...] -> [..., 1]
     keep = is_pos.unsqueeze(-1)
     score_pos = torch.where(is_pos, scores.to(dtype), 0).unsqueeze(-1)  # [...] -> [..., 1]
@@ -154,16 +154,16 @@ def varifocal_loss(
     Raises:
         ValueError: bad logits, targets (shape, dtype, values outside [0, 1]), alpha, gamma or reduction.
     """
-    _checks.check_logits(logits)
-    _checks.check_reduction(reduction)
-    alpha = _checks.check_real(alpha, "alpha")
-    gamma = _checks.check_gamma(gamma)
+    checks.check_logits(logits)
+    checks.check_reduction(reduction)
+    alpha = checks.check_real(alpha, "alpha")
+    gamma = checks.check_gamma(gamma)
     if not isinstance(targets, Tensor) or not targets.is_floating_point() or targets.shape != logits.shape:
         raise ValueError(f"targets must be a float tensor of shape {tuple(logits.shape)}, got "
                          f"{tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__}"
                          f"{' ' + str(targets.dtype) if isinstance(targets, Tensor) else ''}")
-    _checks.check_unit_interval(targets, "targets")
-    dtype = _checks.compute_dtype(logits)
+    checks.check_unit_interval(targets, "targets")
+    dtype = checks.compute_dtype(logits)
     q = targets.to(dtype)
     positive = q > 0
 

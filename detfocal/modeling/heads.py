@@ -18,10 +18,10 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import Conv2dNormActivation
 
-from .distributed import all_reduce_sum, get_world_size
-from .losses import sigmoid_focal_loss
-from .losses._checks import check_values
-from .registry import HEADS
+from detfocal.engine.distributed import all_reduce_sum, get_world_size
+from detfocal.losses import sigmoid_focal_loss
+from detfocal.losses.checks import check_values
+from detfocal.registry import HEADS
 
 __all__ = ["BELOW_LOW_THRESHOLD", "BETWEEN_THRESHOLDS", "EMA_INITIAL_VALUE", "IGNORE_LABEL", "NORMALIZATIONS",
            "FocalClassificationHead", "focal_head_loss", "labels_from_matched_idxs"]
@@ -349,7 +349,7 @@ class FocalClassificationHead(nn.Module):
 
         Args:
             targets: one dict per image with ``labels`` int ``[M_i]`` in [0, num_classes)
-                (crowd boxes already removed: see :class:`detfocal.models.FocalRetinaNet`).
+                (crowd boxes already removed: see :class:`detfocal.modeling.retinanet.FocalRetinaNet`).
             head_outputs: ``{"cls_logits": [B, N, num_classes], ...}``.
             matched_idxs: per image ``[N]``: the index of the matched box, -1 for
                 background or -2 for ignored (torchvision's ``Matcher`` codes).

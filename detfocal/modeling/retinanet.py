@@ -21,9 +21,9 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import FrozenBatchNorm2d, box_iou
 
 from .backbones import resolve_backbone_weights
-from .gfl_heads import retinanet_head_loss
+from .quality_heads import retinanet_head_loss
 from .heads import BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, FocalClassificationHead
-from .registry import BACKBONES, DETECTORS, HEADS
+from detfocal.registry import BACKBONES, DETECTORS, HEADS
 
 __all__ = ["FocalRetinaNet", "anchor_crowd_ioa", "build_retinanet", "convert_retinanet", "default_anchor_sizes",
            "match_anchors", "resolve_backbone_weights", "split_crowd"]
@@ -115,7 +115,7 @@ class FocalRetinaNet(RetinaNet):
         num_classes: foreground classes; labels lie in [0, num_classes).
         crowd_ioa_thresh: see above, in (0, 1].
         **kwargs: ``RetinaNet``'s arguments. Without ``head``: torchvision's
-            ``RetinaNetHead`` holding a :class:`~detfocal.heads.FocalClassificationHead`.
+            ``RetinaNetHead`` holding a :class:`~detfocal.modeling.heads.FocalClassificationHead`.
 
     Raises:
         ValueError: ``crowd_ioa_thresh`` out of range, or a head predicting another
@@ -309,7 +309,7 @@ def convert_retinanet(model: RetinaNet, *, num_classes: int | None = None, crowd
     modules is an ordinary instance of the subclass, and the input keeps working as it
     was. The two share the backbone, anchor generator, matcher, regression head,
     transform and box coder (no copies; ``copy.deepcopy`` the input first if they must
-    train apart). The new :class:`~detfocal.heads.FocalClassificationHead` is loaded
+    train apart). The new :class:`~detfocal.modeling.heads.FocalClassificationHead` is loaded
     with the input's classification weights, so outputs are identical.
 
     Args:
@@ -317,7 +317,7 @@ def convert_retinanet(model: RetinaNet, *, num_classes: int | None = None, crowd
             ``regression_head`` (e.g. ``retinanet_resnet50_fpn(weights=...)``).
         num_classes: optional check: the class count you expect the model to predict.
         crowd_ioa_thresh: see :class:`FocalRetinaNet`.
-        **head_kwargs: to :class:`~detfocal.heads.FocalClassificationHead` (alpha, gamma,
+        **head_kwargs: to :class:`~detfocal.modeling.heads.FocalClassificationHead` (alpha, gamma,
             normalization, ema_momentum, norm_layer if it cannot be inferred).
 
     Returns:

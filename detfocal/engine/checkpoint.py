@@ -7,53 +7,32 @@ is the counter-example).
 """
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import torch
 
+from detfocal.io import atomic_write
 
-def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> None:
-    """Write ``state`` to ``path`` atomically.
 
-    The bytes go to a temporary file in the same folder, are flushed and fsynced, and the file
-    is then renamed over ``path`` with ``os.replace``. A crash or Ctrl-C mid-write therefore
-    leaves the previous checkpoint intact, never a truncated one.
+def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> Path:
+    """Write ``state`` to ``path`` atomically (:func:`detfocal.io.atomic_write`).
+
+    A crash or Ctrl-C mid-write leaves the previous checkpoint intact, never a truncated one.
 
     Args:
         path: destination, e.g. ``OUT/last.pth``; the folder is created if needed.
         state: plain data (see the module docstring).
 
+    Returns:
+        The path written.
+
     Example:
         >>> save_checkpoint("runs/x/last.pth", {"model": model.state_dict(), "epoch": 1})
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
-    try:
-        with handle:
-            torch.save(dict(state), handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-    # Make the rename itself durable (POSIX); not possible on every platform or filesystem.
-    try:
-        directory = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(directory)
-    except OSError:
-        pass
-    finally:
-        os.close(directory)
+    return atomic_write(path, lambda handle: torch.save(dict(state), handle))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

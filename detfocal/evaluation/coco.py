@@ -13,7 +13,8 @@ import torch.distributed as dist
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from detfocal.data.subset import load_coco_annotations, write_json_atomic
+from detfocal.data.subset import load_coco_annotations
+from detfocal.io import write_json_atomic
 
 # Names of COCOeval.stats, in pycocotools' order. -1.0 means "no ground truth in that area range".
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -244,93 +245,3 @@ def evaluate_results(gt_json: CocoSource, results_json: str | Path | list[dict[s
             raise ValueError(f"results_json: detection {index} has no {missing}")
     _, summary = _run_cocoeval(coco_gt, _load_detections(coco_gt, results), None, verbose)
     return summary
-
-
-def plot_per_class_ap(summary_or_evaluator: Mapping[str, Any] | CocoEvaluator, path: str | Path) -> Path:
-    """Write a horizontal bar chart of per-class AP as a PNG; classes without ground truth are left out.
-
-    Args:
-        summary_or_evaluator: a summary dict (with "per_class") or an evaluator (summarized
-            now if it has not been).
-        path: output PNG path.
-
-    Returns:
-        The path written.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on training machines
-    import matplotlib.pyplot as plt
-
-    if isinstance(summary_or_evaluator, CocoEvaluator):
-        summary = summary_or_evaluator.summary or summary_or_evaluator.summarize()
-    else:
-        summary = summary_or_evaluator
-    if "per_class" not in summary:
-        raise ValueError(f"summary_or_evaluator: expected a summary with 'per_class', got keys {sorted(summary)}")
-    items = [(name, ap) for name, ap in summary["per_class"].items() if ap >= 0]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure, axes = plt.subplots(figsize=(6, 1.5 + 0.25 * len(items)))
-    axes.barh([name for name, _ in items], [ap for _, ap in items], color="tab:blue")
-    axes.invert_yaxis()  # first class on top
-    axes.set_xlim(0, 1)
-    axes.set_xlabel("AP (IoU 0.50:0.95)")
-    axes.set_title(f"Per-class AP, mean {summary.get('AP', float('nan')):.3f}")
-    figure.tight_layout()
-    figure.savefig(path, format="png")
-    plt.close(figure)
-    return path
-
-
-def plot_pr_curves(evaluator: CocoEvaluator, path: str | Path) -> Path:
-    """Write precision-recall curves at IoU 0.5 and 0.75 (area all, 100 detections) as a PNG.
-
-    Each panel shows every class as a thin line and their mean, over classes with ground
-    truth, as a thick line. The evaluator is summarized now if it has not been.
-
-    Args:
-        evaluator: the evaluator whose ``coco_eval.eval["precision"]`` is plotted.
-        path: output PNG path.
-
-    Returns:
-        The path written.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if evaluator.coco_eval is None:
-        evaluator.summarize()
-    coco_eval = evaluator.coco_eval
-    precision = coco_eval.eval["precision"]  # (T, R, K, A, M)
-    recall = coco_eval.params.recThrs
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure, panels = plt.subplots(1, 2, figsize=(10, 4.5), sharey=True)
-    for axes, iou in zip(panels, (0.5, 0.75)):
-        t = int(np.argmin(np.abs(coco_eval.params.iouThrs - iou)))
-        curves = precision[t, :, :, 0, -1].T  # (R, K) -> (K, R)
-        curves = curves[(curves > -1).all(axis=1)]  # classes without ground truth are all -1
-        for curve in curves:
-            axes.plot(recall, curve, color="tab:gray", linewidth=0.5, alpha=0.6)
-        if len(curves):
-            mean = curves.mean(axis=0)
-            axes.plot(recall, mean, color="tab:red", linewidth=2, label=f"mean, AP{int(iou * 100)} = {mean.mean():.3f}")
-            axes.legend(loc="lower left")
-        axes.set_title(f"IoU {iou}")
-        axes.set_xlabel("recall")
-        axes.set_xlim(0, 1)
-        axes.set_ylim(0, 1.01)
-    panels[0].set_ylabel("precision")
-    figure.tight_layout()
-    figure.savefig(path, format="png")
-    plt.close(figure)
-    return path
-
-
-def write_plots(evaluator: CocoEvaluator, out_dir: str | Path) -> list[Path]:
-    """Write ``per_class_ap.png`` and ``pr_curves.png`` into ``out_dir``; return their paths."""
-    out_dir = Path(out_dir)
-    return [plot_per_class_ap(evaluator, out_dir / "per_class_ap.png"), plot_pr_curves(evaluator, out_dir / "pr_curves.png")]

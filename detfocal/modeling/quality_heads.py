@@ -2,7 +2,7 @@
 
 Both heads train the score of an anchor's class towards the IoU of its predicted box with
 the box it matched, instead of towards 1, so the score that NMS ranks by also says how good
-the box is. The heads are :class:`~detfocal.heads.FocalClassificationHead` with another
+the box is. The heads are :class:`~detfocal.modeling.heads.FocalClassificationHead` with another
 loss: the same convs, ``forward``, state_dict keys and initialisation.
 
 Why a ``quality`` argument: a classification head never sees the anchors nor the box
@@ -11,7 +11,7 @@ predictions, so it cannot compute the IoU itself. The detector computes it with
 :func:`retinanet_head_loss` does exactly that for heads that declare
 ``needs_box_quality = True``, and plain ``RetinaNetHead.compute_loss`` for the others.
 
-Label convention, as in :mod:`detfocal.heads`: ``num_classes`` (= C) foreground classes,
+Label convention, as in :mod:`detfocal.modeling.heads`: ``num_classes`` (= C) foreground classes,
 labels in [0, C), C is background and -1 is ignored.
 """
 from __future__ import annotations
@@ -26,9 +26,9 @@ from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.retinanet import RetinaNetHead
 
 from .heads import IGNORE_LABEL, MATCHED_IDXS_EXPECTED, FocalClassificationHead, normalize_by_foreground
-from .losses import quality_focal_loss, varifocal_loss
-from .losses._checks import check_unit_interval, check_values
-from .registry import HEADS
+from detfocal.losses import quality_focal_loss, varifocal_loss
+from detfocal.losses.checks import check_unit_interval, check_values
+from detfocal.registry import HEADS
 
 __all__ = ["QualityFocalClassificationHead", "VarifocalClassificationHead", "box_quality_targets",
            "retinanet_head_loss"]
@@ -163,7 +163,7 @@ class _BoxQualityHead(FocalClassificationHead, ABC):
                      matched_idxs: list[Tensor], quality: Tensor | None = None) -> Tensor:
         """The classification loss, with torchvision's signature plus the IoU targets.
 
-        Normalised as :func:`~detfocal.heads.focal_head_loss` with "batch" (GFL's and
+        Normalised as :func:`~detfocal.modeling.heads.focal_head_loss` with "batch" (GFL's and
         VarifocalNet's ``avg_factor``): the batch sum divided by max(1, positive anchors),
         the count all-reduced under ``torch.distributed``.
 
@@ -186,7 +186,7 @@ class _BoxQualityHead(FocalClassificationHead, ABC):
         labels = self.labels_for_loss(targets, cls_logits, matched_idxs)
         if quality is None:
             raise ValueError(f"{type(self).__name__}.compute_loss needs quality=, the [B, N] IoU targets of "
-                             "box_quality_targets; the detector must pass them (detfocal.gfl_heads.retinanet_head_loss "
+                             "box_quality_targets; the detector must pass them (detfocal.modeling.quality_heads.retinanet_head_loss "
                              "does; torchvision's RetinaNetHead.compute_loss does not)")
         if not isinstance(quality, Tensor) or not quality.is_floating_point() \
                 or quality.shape != cls_logits.shape[:2]:
@@ -216,19 +216,19 @@ class QualityFocalClassificationHead(_BoxQualityHead):
     IoU target at the anchor's class and 0 at every other class and at background anchors;
     see :func:`detfocal.losses.quality_focal_loss`. With every IoU equal to 1 this is the
     focal loss with alpha = -1 and gamma = beta. Same modules and state_dict keys as
-    :class:`~detfocal.heads.FocalClassificationHead` (``self.gamma`` holds beta, ``self.alpha``
+    :class:`~detfocal.modeling.heads.FocalClassificationHead` (``self.gamma`` holds beta, ``self.alpha``
     is None).
 
     Args:
         in_channels, num_anchors, num_classes, prior_probability, norm_layer, num_convs:
-            as :class:`~detfocal.heads.FocalClassificationHead`.
+            as :class:`~detfocal.modeling.heads.FocalClassificationHead`.
         beta: the focusing exponent, >= 0 (GFL uses 2).
 
     Raises:
         ValueError: a bad beta, or the checks of ``FocalClassificationHead``.
 
     Example:
-        >>> from detfocal.models import build_retinanet
+        >>> from detfocal.modeling.retinanet import build_retinanet
         >>> model = build_retinanet(3, "resnet18", fpn_channels=64, min_size=128, max_size=128,
         ...                         head={"type": "qfl", "beta": 2.0})
         >>> # training needs a detector that passes quality=, see retinanet_head_loss.
@@ -267,11 +267,11 @@ class VarifocalClassificationHead(_BoxQualityHead):
     elsewhere, so a positive whose predicted box misses its box entirely (IoU 0) is trained
     as a negative, as in VarifocalNet. See :func:`detfocal.losses.varifocal_loss`. Ignored
     anchors take no loss. Same modules and state_dict keys as
-    :class:`~detfocal.heads.FocalClassificationHead`.
+    :class:`~detfocal.modeling.heads.FocalClassificationHead`.
 
     Args:
         in_channels, num_anchors, num_classes, prior_probability, norm_layer, num_convs:
-            as :class:`~detfocal.heads.FocalClassificationHead`.
+            as :class:`~detfocal.modeling.heads.FocalClassificationHead`.
         alpha: weight >= 0 of the negatives (VarifocalNet uses 0.75).
         gamma: focusing exponent >= 0 of the negatives (VarifocalNet uses 2).
         iou_weighted: weight positives by q (True, the paper) or by 1.

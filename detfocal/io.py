@@ -1,0 +1,108 @@
+"""Atomic file writes: readers see the old file or the complete new one, never a partial one.
+
+Every file detfocal writes that a user keeps (checkpoints, results, subsets, configs) goes
+through :func:`atomic_write`: the bytes go to a temporary file in the destination folder,
+are flushed and fsynced, and the file is renamed over the destination with ``os.replace``.
+A crash or ``kill -9`` mid-write leaves the previous file intact and, at worst, a
+``.NAME.*.tmp`` file, which :func:`remove_stale_temporaries` clears.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Callable
+
+__all__ = ["atomic_write", "remove_stale_temporaries", "write_json_atomic"]
+
+_TMP_SUFFIX = ".tmp"
+
+
+def _file_mode(path: Path) -> int:
+    """The mode a new file would get from ``open()`` (0666 less the umask), or the existing file's."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable (POSIX); not every platform or filesystem allows it."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], None], *, binary: bool = True) -> Path:
+    """Call ``write(handle)`` on a temporary file, then move it over ``path`` atomically.
+
+    The new file gets the mode of the file it replaces, or 0666 less the umask for a new
+    one (``tempfile`` alone would make it 0600).
+
+    Args:
+        path: the destination; its parent folders are created.
+        write: writes the content to the open handle.
+        binary: open the temporary file in binary (``"wb"``) or text (``"w"``, UTF-8) mode.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile("wb" if binary else "w", dir=path.parent, prefix=f".{path.name}.",
+                                         suffix=_TMP_SUFFIX, delete=False,
+                                         **({} if binary else {"encoding": "utf-8"}))
+    try:
+        with handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+            os.chmod(handle.name, _file_mode(path))
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def write_json_atomic(path: str | os.PathLike, payload: Any) -> Path:
+    """Write ``payload`` as compact JSON with :func:`atomic_write`; return the path."""
+    return atomic_write(path, lambda handle: json.dump(payload, handle, separators=(",", ":")), binary=False)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, names: tuple[str, ...] | None = None) -> list[Path]:
+    """Delete the temporaries an interrupted :func:`atomic_write` left in ``folder``.
+
+    Only call this where no other process is writing into ``folder`` (a run's own folder,
+    on rank 0, before training starts).
+
+    Args:
+        folder: the folder to clean; a missing folder is fine.
+        names: only the temporaries of these destination names (e.g. ``("last.pth",)``);
+            None for all.
+
+    Returns:
+        The paths removed.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for candidate in folder.glob(f".*{_TMP_SUFFIX}"):
+        stem = candidate.name[1:]
+        if names is not None and not any(stem.startswith(f"{name}.") for name in names):
+            continue
+        candidate.unlink(missing_ok=True)
+        removed.append(candidate)
+    return removed
