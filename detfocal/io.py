@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable
 
-__all__ = ["atomic_write", "remove_stale_temporaries", "write_json_atomic"]
+__all__ = ["atomic_write", "ensure_writable_dir", "remove_stale_temporaries", "write_json_atomic"]
 
 _TMP_SUFFIX = ".tmp"
 
@@ -73,6 +73,30 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], None], *, b
         Path(handle.name).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+    return path
+
+
+def ensure_writable_dir(path: str | os.PathLike, argument: str) -> Path:
+    """Create the folder ``path`` if needed and check that files can be written in it, before any work.
+
+    Args:
+        path: the output folder.
+        argument: the option that named it (``--out-dir``), for the message.
+
+    Returns:
+        The folder as a ``Path``.
+
+    Raises:
+        ValueError: ``path`` is a file, or cannot be created or written.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{argument} {path} is a file, expected a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as exc:
+        raise ValueError(f"{argument} {path} cannot be written: {exc.strerror or exc}") from None
     return path
 
 

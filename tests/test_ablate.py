@@ -1,4 +1,4 @@
-"""tools/ablate.py: a grid of short trainings through tools/train.py, written as the paper's Table 1."""
+"""detfocal ablate: a grid of short trainings through detfocal train, written as the paper's Table 1."""
 from __future__ import annotations
 
 import json
@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_engine import tiny_overrides  # noqa: E402
+from detfocal.ablate import parse_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "shapes_retinanet_r18.yaml"
@@ -18,15 +17,20 @@ DEMO = ROOT / "configs" / "shapes_retinanet_r18.yaml"
 
 def run_ablate(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "tools/ablate.py", *args], cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "detfocal", "ablate", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
 
 
 @pytest.mark.slow
-def test_two_setting_grid_writes_table1_json_and_plot(tmp_path):
+def test_grid_values_are_parsed_as_set_values_are():
+    grid = parse_grid(["gamma=1e-1,2", "train.amp=off,bf16", "alpha=null"])
+    assert grid == {"model.head.gamma": [0.1, 2], "train.amp": ["off", "bf16"], "model.head.alpha": [None]}
+
+
+def test_two_setting_grid_writes_table1_json_and_plot(tmp_path, tiny):
     out = tmp_path / "ablate"
     result = run_ablate(str(DEMO), "--grid", "gamma=0,2", "alpha=0.25", "--out", str(out),
-                        "--set", *tiny_overrides(tmp_path / "shapes"), "train.max_iters=2")
+                        "--set", *tiny, "train.max_iters=2")
     assert result.returncode == 0, result.stderr
     table = (out / "table.md").read_text().splitlines()
     assert table[0].startswith("| gamma | alpha | AP | AP50 | AP75 |")
@@ -40,7 +44,7 @@ def test_two_setting_grid_writes_table1_json_and_plot(tmp_path):
     assert (out / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Finished settings are not trained again: a rerun only rewrites the table.
     again = run_ablate(str(DEMO), "--grid", "gamma=0,2", "alpha=0.25", "--out", str(out),
-                       "--set", *tiny_overrides(tmp_path / "shapes"), "train.max_iters=2")
+                       "--set", *tiny, "train.max_iters=2")
     assert again.returncode == 0 and "wrote" in again.stdout
 
 

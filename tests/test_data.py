@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import copy
+import io
 import json
+import os
+import re
+import struct
 import subprocess
 import sys
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -13,9 +18,13 @@ import pytest
 import torch
 from PIL import Image
 from pycocotools.coco import COCO
+from torch.utils.data import DataLoader
 from torchvision import tv_tensors
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.v2 import functional as F
 
-from detfocal.data import CocoDetection, build_transforms, collate_fn, make_subset, shapes
+from detfocal.data import CocoDetection, build_transforms, check_output_path, collate_fn, make_subset, shapes
+from detfocal.data.images import load_image, to_uint8
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = Path(__file__).resolve().parent / "data" / "instances_val2014_100.json"
@@ -154,18 +163,201 @@ def test_missing_image_file_names_the_file_and_the_annotation_file(tiny, tmp_pat
         (lambda d: d["annotations"][0].update(image_id=999), "image_id.*999"),
         (lambda d: d["annotations"][0].update(category_id=5), "category_id.*5"),
         (lambda d: d["annotations"][0].pop("bbox"), r"annotations\[0\] has no \['bbox'\]"),
+        (lambda d: d["annotations"][2].update(id=[1, 2]), r"annotations\[2\]\['id'\] is \[1, 2\], expected an int"),
+        (lambda d: d["images"][1].update(id="2"), r"images\[1\]\['id'\] is '2', expected an int"),
+        (lambda d: d["annotations"][0].update(image_id=1.0),
+         r"annotations\[0\]\['image_id'\] is 1\.0, expected an int"),
+        (lambda d: d["categories"][0].update(id=True), r"categories\[0\]\['id'\] is True, expected an int"),
+        (lambda d: d["annotations"][1].update(bbox=[0, 0, float("nan"), 4]),
+         r"\['bbox'\] is \[0, 0, nan, 4\], expected \[x, y, w, h\]"),
+        (lambda d: d["annotations"][1].update(bbox=[0, 0, 4]), r"\['bbox'\] is \[0, 0, 4\], expected \[x, y, w, h\]"),
+        (lambda d: d["annotations"][1].update(iscrowd="yes"), r"\['iscrowd'\] is 'yes', expected 0 or 1"),
+        (lambda d: d["images"][0].update(file_name=["1.png"]),
+         r"images\[0\]\['file_name'\] is \['1\.png'\], expected a non-empty string"),
+        (lambda d: d["images"][0].update(width=-64), r"images\[0\]\['width'\] is -64, expected a positive number"),
     ],
 )
 def test_malformed_annotations_raise_value_error_saying_what_is_wrong(tiny, change, message):
     images_dir, dataset = tiny
     change(dataset)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as error:
         CocoDetection(images_dir, dataset)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe not utf-8", b"[" * 100000, b"{\"images\": "])
+def test_annotation_file_that_is_not_json_raises_one_line_value_error(tmp_path, content):
+    path = tmp_path / "ann.json"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=r"^annotation_file: .*ann\.json is not valid UTF-8 json \([^\n]*\)$"):
+        make_subset(path)
 
 
 def test_missing_annotation_file_raises_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.json"):
         CocoDetection(tmp_path, tmp_path / "nope.json")
+
+
+# --- broken image files ---------------------------------------------------------------------------
+
+def _png(width, height, bit_depth, colour_type, rows=b""):
+    """PNG bytes written by hand, so headers can claim any size and pixels can be 16-bit."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+def _png16(pixels):
+    """A 16-bit greyscale (H, W) or RGB (H, W, 3) PNG of uint16 ``pixels``."""
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in pixels)  # filter byte 0 per row
+    return _png(pixels.shape[1], pixels.shape[0], 16, 2 if pixels.ndim == 3 else 0, rows)
+
+
+def _truncated_jpeg():
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    return buffer.getvalue()[: len(buffer.getvalue()) // 2]
+
+
+# torchvision.io's decoders are the independent reference here; 0.29 deprecates them in favour of torchcodec.
+TORCHVISION_DECODER = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
+
+BROKEN_FILES = {
+    "empty": (b"", "the file is empty"),
+    "text": (b"not an image\n", "not in an image format PIL can read"),
+    "truncated_jpeg": (_truncated_jpeg(), "image file is truncated"),
+    "bomb_error": (_png(100000, 100000, 8, 2),
+                   f"image claims 100000 x 100000 pixels, above PIL's limit of {Image.MAX_IMAGE_PIXELS}$"),
+    # Between PIL's limit and twice it PIL only warns; that must be an error too.
+    "bomb_warning": (_png(10000, 10000, 8, 2),
+                     f"image claims 10000 x 10000 pixels, above PIL's limit of {Image.MAX_IMAGE_PIXELS}$"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BROKEN_FILES))
+def test_undecodable_image_raises_one_line_value_error_naming_file_id_and_folder(tiny, kind):
+    images_dir, _ = tiny
+    content, reason = BROKEN_FILES[kind]
+    (images_dir / "2.png").write_bytes(content)
+    dataset = _dataset(tiny)
+    with pytest.raises(ValueError) as error:
+        dataset[1]
+    message = str(error.value)
+    assert message.startswith(f"image 2.png (id 2) in {images_dir} cannot be decoded: ") and "\n" not in message
+    assert re.search(reason, message.split("cannot be decoded: ", 1)[1]), message
+
+
+def test_skip_bad_images_returns_the_next_good_image_and_reports_each_file_once(tiny, capsys):
+    images_dir, _ = tiny
+    (images_dir / "2.png").write_bytes(BROKEN_FILES["truncated_jpeg"][0])
+    (images_dir / "3.png").unlink()
+    dataset = _dataset(tiny, skip_bad_images=True)
+    loader = DataLoader(dataset, batch_size=2, collate_fn=collate_fn, num_workers=0)
+    for _ in range(2):
+        batches = [[target["image_id"] for target in targets] for _, targets in loader]
+        # Items 1 and 2 (ids 2 and 3) fall through to id 4: every batch keeps its size.
+        assert batches == [[1, 4], [4, 4], [5]]
+    assert dataset.bad_images == ["2.png", "3.png"] and dataset.num_bad_images == 2
+    with pytest.raises(IndexError):
+        dataset[len(dataset)]
+    warnings = capsys.readouterr().err.strip().splitlines()
+    assert len(warnings) == 2
+    assert "image 2.png (id 2)" in warnings[0] and "3.png" in warnings[1] and "does not exist" in warnings[1]
+
+
+def test_16bit_training_images_are_scaled_not_clipped(tiny):
+    images_dir, _ = tiny
+    pixels = np.linspace(0, 65535, SIZE * SIZE).round().astype(np.uint16).reshape(SIZE, SIZE)
+    (images_dir / "5.png").write_bytes(_png16(pixels))
+    image, target = _dataset(tiny)[4]
+    assert target["image_id"] == 5
+    # The transforms see uint8, as from any other file: one 8-bit step of tolerance.
+    expected = torch.from_numpy(pixels.astype(np.float64) / 65535).float().expand(3, -1, -1)
+    torch.testing.assert_close(image, expected, rtol=0, atol=1 / 255)
+
+
+def test_skip_bad_images_raises_when_no_image_can_be_loaded(tiny):
+    images_dir, _ = tiny
+    for path in images_dir.glob("*.png"):
+        path.write_bytes(b"")
+    dataset = _dataset(tiny, skip_bad_images=True)
+    with pytest.raises(ValueError, match=r"none of the 5 images .* can be loaded"):
+        dataset[0]
+    assert dataset.num_bad_images == 5
+
+
+# --- load_image (inference) -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "P_transparent", "LA"])
+@TORCHVISION_DECODER
+def test_load_image_of_8bit_files_matches_torchvision_decoding(tmp_path, mode):
+    pixels = np.random.default_rng(1).integers(0, 256, size=(SIZE, 48, 4), dtype=np.uint8)
+    image = Image.fromarray(pixels, "RGBA").convert(mode.split("_")[0])
+    if mode == "P_transparent":
+        image.info["transparency"] = 0
+    path = tmp_path / "image.png"
+    image.save(path)
+    loaded = load_image(path)
+    # libpng through torchvision, independent of PIL: alpha dropped, palette and grey expanded.
+    expected = F.to_dtype(decode_image(str(path), mode=ImageReadMode.RGB), torch.float32, scale=True)
+    assert loaded.dtype == torch.float32 and loaded.shape == (3, SIZE, 48)
+    torch.testing.assert_close(loaded, expected, rtol=0, atol=0)
+
+
+def test_load_image_of_a_jpeg_matches_to_image_and_to_dtype(tmp_path):
+    path = tmp_path / "image.jpg"
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(path)
+    expected = F.to_dtype(F.to_image(Image.open(path).convert("RGB")), torch.float32, scale=True)
+    torch.testing.assert_close(load_image(path), expected.as_subclass(torch.Tensor), rtol=0, atol=0)
+
+
+@TORCHVISION_DECODER
+def test_load_image_scales_16bit_greyscale_png_by_65535_instead_of_clipping(tmp_path):
+    pixels = np.linspace(0, 65535, SIZE * SIZE).round().astype(np.uint16).reshape(SIZE, SIZE)
+    path = tmp_path / "grey16.png"
+    path.write_bytes(_png16(pixels))
+    loaded = load_image(path)
+    # torchvision decodes 16-bit PNGs to uint16 with libpng.
+    expected = decode_image(str(path)).to(torch.float64).div(65535).expand(3, -1, -1).float()
+    assert loaded.shape == (3, SIZE, SIZE) and loaded.min() == 0 and loaded.max() == 1
+    torch.testing.assert_close(loaded, expected, rtol=0, atol=1e-6)
+    assert (loaded < 254 / 255).float().mean() > 0.9  # not saturated, as convert("RGB") would make it
+
+
+@TORCHVISION_DECODER
+def test_load_image_reads_16bit_rgb_png_to_within_one_8bit_step(tmp_path):
+    pixels = np.random.default_rng(3).integers(0, 65536, size=(16, 24, 3)).astype(np.uint16)
+    pixels[0, 0] = 65535
+    path = tmp_path / "rgb16.png"
+    path.write_bytes(_png16(pixels))
+    expected = decode_image(str(path)).to(torch.float64).div(65535).float()
+    loaded = load_image(path)
+    assert loaded.max() == 1
+    torch.testing.assert_close(loaded, expected, rtol=0, atol=1 / 255)
+
+
+@pytest.mark.parametrize("kind", sorted(BROKEN_FILES))
+def test_load_image_rejects_undecodable_files_on_one_line(tmp_path, kind):
+    content, reason = BROKEN_FILES[kind]
+    path = tmp_path / "image.jpg"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=f"^image {path} cannot be decoded: ") as error:
+        load_image(path)
+    assert "\n" not in str(error.value)
+
+
+def test_load_image_of_a_missing_file_raises_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        load_image(tmp_path / "nope.png")
+
+
+def test_to_uint8_round_trips_8bit_images_and_clamps():
+    pixels = torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8)
+    assert torch.equal(to_uint8(F.to_dtype(pixels, torch.float32, scale=True)), pixels)
+    assert to_uint8(torch.tensor([-0.5, 0.5, 1.5]).reshape(1, 1, 3)).tolist() == [[[0, 128, 255]]]
+    with pytest.raises(ValueError, match=r"image: expected a float tensor \[3, H, W\].*torch.uint8"):
+        to_uint8(pixels)
 
 
 # --- transforms ---------------------------------------------------------------------------------
@@ -282,6 +474,30 @@ def test_make_subset_rejects_unknown_ids_and_bad_counts(kwargs, message):
         make_subset(SAMPLE, **kwargs)
 
 
+def test_check_output_path_refuses_the_input_file_under_any_name(tmp_path, monkeypatch):
+    source = tmp_path / "in.json"
+    source.write_text("{}")
+    (tmp_path / "sub").mkdir()
+    os.symlink(source, tmp_path / "link.json")
+    os.link(source, tmp_path / "hard.json")
+    monkeypatch.chdir(tmp_path / "sub")
+    aliases = (source, "../in.json", tmp_path / "sub" / ".." / "in.json", tmp_path / "link.json", tmp_path / "hard.json")
+    for out in aliases:
+        with pytest.raises(ValueError, match=r"^--out .* is the input annotation file.*; write the subset elsewhere$"):
+            check_output_path(out, [SAMPLE, source])
+    with pytest.raises(ValueError, match=r"^--out in\.json is the input annotation file; write the subset elsewhere$"):
+        monkeypatch.chdir(tmp_path)
+        check_output_path("in.json", ["in.json"])
+
+
+def test_check_output_path_accepts_a_new_or_other_file(tmp_path):
+    source = tmp_path / "in.json"
+    source.write_text("{}")
+    (tmp_path / "other.json").write_text("{}")
+    for out in (tmp_path / "new.json", tmp_path / "other.json"):
+        check_output_path(out, [source, {"images": []}])
+
+
 # --- the shapes dataset ---------------------------------------------------------------------------
 
 TINY_SHAPES = {"num_train": 4, "num_val": 2, "image_size": 64}
@@ -291,7 +507,7 @@ def test_shapes_generate_is_byte_identical_across_runs(tmp_path):
     first = shapes.generate(tmp_path / "a", seed=5, **TINY_SHAPES)
     shapes.generate(tmp_path / "b", seed=5, **TINY_SHAPES)
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
-    assert len(files) == 4 + 2 + 2
+    assert len(files) == 4 + 2 + 2 + 1  # images, annotations, marker
     assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
     assert first["val_annotations"] == tmp_path / "a" / "annotations" / "instances_val.json"
 
@@ -314,6 +530,26 @@ def test_shapes_generate_reuses_files_written_with_the_same_parameters(tmp_path)
     assert paths["train_annotations"].stat().st_mtime_ns == stamp
     shapes.generate(tmp_path, **{**TINY_SHAPES, "num_train": 5})
     assert len(json.loads(paths["train_annotations"].read_text())["images"]) == 5
+
+
+def test_shapes_generate_refuses_a_non_empty_folder_it_did_not_make(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=rf"out_dir: {tmp_path} is a non-empty folder that holds no shapes dataset"):
+        shapes.generate(tmp_path, **TINY_SHAPES)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+    with pytest.raises(ValueError, match="out_dir: .*notes.txt is a file"):
+        shapes.generate(tmp_path / "notes.txt", **TINY_SHAPES)
+
+
+def test_shapes_generate_writes_into_new_empty_and_its_own_folders(tmp_path):
+    (tmp_path / "empty").mkdir()
+    shapes.generate(tmp_path / "empty", **TINY_SHAPES)
+    shapes.generate(tmp_path / "empty", **{**TINY_SHAPES, "num_val": 3})  # refreshes its own folder
+    # A folder from before the marker file existed is recognised by its annotations.
+    (tmp_path / "empty" / shapes.MARKER_FILE).unlink()
+    paths = shapes.generate(tmp_path / "empty", **TINY_SHAPES)
+    assert len(json.loads(paths["val_annotations"].read_text())["images"]) == 2
+    assert (tmp_path / "empty" / shapes.MARKER_FILE).is_file()
 
 
 def test_shapes_rare_class_and_empty_images_are_about_five_percent():

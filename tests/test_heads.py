@@ -16,7 +16,9 @@ from torch import nn
 from torchvision.models.detection.retinanet import RetinaNetClassificationHead
 from torchvision.ops import box_iou
 
+from conftest import LOSS_SCALES, assert_half_grad_matches_float64
 from detfocal.modeling.heads import FocalClassificationHead, focal_head_loss, labels_from_matched_idxs
+from detfocal.modeling.quality_heads import QualityFocalClassificationHead, VarifocalClassificationHead
 
 NUM_CLASSES = 4
 
@@ -172,6 +174,36 @@ def test_all_ignored_images_give_zero_loss_and_grads(normalization):
     assert (logits.grad == 0).all()
 
 
+@pytest.mark.parametrize("normalization", ["batch", "image", "ema"])
+@pytest.mark.parametrize("shape", [(0, 50), (2, 0)], ids=["no_images", "no_anchors"])
+def test_empty_batch_gives_zero_loss_and_zero_grads(normalization, shape):
+    logits = torch.randn(*shape, NUM_CLASSES, requires_grad=True)
+    ema = torch.tensor(100.0) if normalization == "ema" else None
+    loss = focal_head_loss(logits, torch.zeros(shape, dtype=torch.long), normalization=normalization,
+                           num_foreground_ema=ema)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert logits.grad.shape == logits.shape and (logits.grad == 0).all()
+
+
+# ----------------------------------------------------------------------------------
+# Mixed precision: fp16/bf16 logits against float64 at GradScaler's loss scales.
+# ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("normalization", ["batch", "image", "ema"])
+def test_half_precision_head_gradient_is_float64_gradient_rounded_once(normalization, dtype):
+    logits = torch.randn(2, 500, 8) * 3 - 4
+    labels = torch.full((2, 500), 8)
+    labels[0, :30], labels[1, :3], labels[1, 3:6] = 3, 5, -1
+
+    def loss_fn(x):
+        ema = torch.tensor(100.0) if normalization == "ema" else None
+        return focal_head_loss(x, labels, normalization=normalization, num_foreground_ema=ema)
+
+    for scale in LOSS_SCALES:
+        assert_half_grad_matches_float64(loss_fn, logits.to(dtype), scale)
+
+
 # ----------------------------------------------------------------------------------
 # Layout, initialisation and torchvision compatibility.
 # ----------------------------------------------------------------------------------
@@ -229,6 +261,26 @@ def test_head_num_classes_mismatch_raises_value_error():
         FocalClassificationHead(8, 9, NUM_CLASSES + 1).compute_loss(targets, {"cls_logits": logits}, matched_idxs)
 
 
+@pytest.mark.parametrize("value", [math.inf, math.nan], ids=["inf", "nan"])
+def test_non_finite_gamma_raises_value_error_in_every_head(value):
+    for build in (lambda: FocalClassificationHead(8, 9, 3, gamma=value),
+                  lambda: QualityFocalClassificationHead(8, 9, 3, beta=value),
+                  lambda: VarifocalClassificationHead(8, 9, 3, gamma=value),
+                  lambda: focal_head_loss(torch.randn(1, 5, 3), torch.zeros(1, 5, dtype=torch.long), gamma=value)):
+        with pytest.raises(ValueError, match=rf"^(gamma|beta) holds {value}, expected a finite real >= 0$"):
+            build()
+
+
+def test_bad_reduce_raises_value_error_and_none_equals_auto_in_one_process():
+    logits, labels = _ema_batch(0, 9)
+    with pytest.raises(ValueError, match=r"^reduce holds 'all', expected 'auto', 'none' or a torch.distributed"):
+        focal_head_loss(logits, labels, reduce="all")
+    with pytest.raises(ValueError, match=r"^reduce holds"):
+        FocalClassificationHead(8, 9, NUM_CLASSES, reduce=None)
+    assert FocalClassificationHead(8, 9, NUM_CLASSES, reduce="none").reduce == "none"
+    torch.testing.assert_close(focal_head_loss(logits, labels, reduce="none"), focal_head_loss(logits, labels))
+
+
 def test_bad_normalization_and_missing_ema_buffer_raise_value_error():
     with pytest.raises(ValueError, match="normalization must be one of"):
         FocalClassificationHead(8, 9, 3, normalization="mean")
@@ -249,13 +301,35 @@ def _ddp_cases():
     single = torch.full((4, 30), NUM_CLASSES)
     single[3, 7] = 2  # one positive in the global batch: fewer than processes
     linear = nn.Linear(6, NUM_CLASSES).double()
+    # name: (labels, normalization, reduce); "group" is a ProcessGroup of both ranks made by the workers.
     return {"linear": linear.state_dict(), "features": features,
-            "cases": {"batch_many": (many, "batch"), "batch_single": (single, "batch"), "ema_many": (many, "ema")}}
+            "cases": {"batch_many": (many, "batch", "auto"), "batch_single": (single, "batch", "auto"),
+                      "ema_many": (many, "ema", "auto"), "batch_group": (many, "batch", "group")}}
 
 
-def _run_case(linear: nn.Module, features, labels, normalization):
+def _run_case(linear: nn.Module, features, labels, normalization, reduce="auto"):
     ema = torch.tensor(100.0, dtype=torch.float64) if normalization == "ema" else None
-    loss = focal_head_loss(linear(features), labels, normalization=normalization, num_foreground_ema=ema)
+    loss = focal_head_loss(linear(features), labels, normalization=normalization, num_foreground_ema=ema,
+                           reduce=reduce)
+    loss.backward()
+    return loss.detach(), ema
+
+
+def _global_batch_reference(linear: nn.Module, features, labels, normalization, world_size: int):
+    """What W processes should average to, in float64: the summed loss over the global count.
+
+    "batch": sum / max(count, 1) (one process holding the global batch). "ema": detectron2's
+    per-GPU normaliser, 0.9 * 100 + 0.1 * max(count, 1) / W, which the W processes share, so
+    their average is sum / (W * normaliser).
+    """
+    loss_sum = reference_focal_sum(linear(features), labels)
+    count = max(int(((labels >= 0) & (labels < NUM_CLASSES)).sum()), 1)
+    ema = None
+    if normalization == "batch":
+        loss = loss_sum / count
+    else:
+        ema = torch.tensor(0.9 * 100.0 + 0.1 * count / world_size, dtype=torch.float64)
+        loss = loss_sum / (world_size * ema)
     loss.backward()
     return loss.detach(), ema
 
@@ -264,22 +338,34 @@ def _ddp_worker(rank: int, world_size: int, port: int, directory: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     from detfocal.engine import distributed
 
     try:
         init = distributed.init_distributed(backend="gloo")
+        group = dist.new_group(list(range(world_size)))
         data = torch.load(Path(directory) / "data.pt")
         results = {"init": init[:3], "world_size": distributed.get_world_size(), "main": distributed.is_main_process()}
         half = data["features"].shape[0] // world_size
         rows = slice(rank * half, (rank + 1) * half)
-        for name, (labels, normalization) in data["cases"].items():
+        for name, (labels, normalization, reduce) in data["cases"].items():
             linear = nn.Linear(6, NUM_CLASSES).double()
             linear.load_state_dict(data["linear"])
             model = DistributedDataParallel(linear)
-            loss, ema = _run_case(model, data["features"][rows], labels[rows], normalization)
+            loss, ema = _run_case(model, data["features"][rows], labels[rows], normalization,
+                                  group if reduce == "group" else reduce)
             results[name] = (loss, [p.grad.clone() for p in linear.parameters()], ema)
+        if rank == 0:
+            # A loss on one rank only (a rank-0 validation loss): any collective here would hang,
+            # since rank 1 never joins it. The parent's join timeout turns a hang into a failure.
+            linear = nn.Linear(6, NUM_CLASSES).double()
+            linear.load_state_dict(data["linear"])
+            labels = data["cases"]["batch_many"][0][rows]
+            results["rank0_none"] = focal_head_loss(linear(data["features"][rows]), labels, reduce="none").detach()
+            with torch.no_grad():
+                results["rank0_auto_no_grad"] = focal_head_loss(linear(data["features"][rows]), labels)
         torch.save(results, Path(directory) / f"rank{rank}.pt")
     finally:
         distributed.cleanup()
@@ -291,7 +377,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_ddp_batch_normalization_equals_single_process_on_global_batch():
+def test_ddp_normalization_equals_single_process_on_global_batch_and_reduce_none_does_not_hang():
     data = _ddp_cases()
     with tempfile.TemporaryDirectory() as directory:
         torch.save(data, Path(directory) / "data.pt")
@@ -302,18 +388,20 @@ def test_ddp_batch_normalization_equals_single_process_on_global_batch():
             process.start()
         for process in processes:
             process.join(timeout=120)
+        hung = [process.is_alive() for process in processes]
         for process in processes:
             if process.is_alive():
                 process.kill()
+        assert not any(hung), "a worker hung (a collective on one rank only?)"
         assert [process.exitcode for process in processes] == [0, 0]
         results = [torch.load(Path(directory) / f"rank{rank}.pt") for rank in range(2)]
 
     assert [r["init"] for r in results] == [(0, 0, 2), (1, 1, 2)]
     assert [r["world_size"] for r in results] == [2, 2] and [r["main"] for r in results] == [True, False]
-    for name, (labels, normalization) in data["cases"].items():
+    for name, (labels, normalization, _) in data["cases"].items():
         linear = nn.Linear(6, NUM_CLASSES).double()
         linear.load_state_dict(data["linear"])
-        expected_loss, expected_ema = _run_case(linear, data["features"], labels, normalization)
+        expected_loss, expected_ema = _global_batch_reference(linear, data["features"], labels, normalization, 2)
         mean_loss = (results[0][name][0] + results[1][name][0]) / 2
         torch.testing.assert_close(mean_loss, expected_loss, rtol=1e-12, atol=1e-12)
         for rank in range(2):  # DDP has averaged the gradients on each process
@@ -321,6 +409,14 @@ def test_ddp_batch_normalization_equals_single_process_on_global_batch():
                 torch.testing.assert_close(got, param.grad, rtol=1e-12, atol=1e-12)
             if expected_ema is not None:
                 torch.testing.assert_close(results[rank][name][2], expected_ema)
+
+    # Rank 0 alone: its own batch over its own positives, with and without grad mode.
+    linear = nn.Linear(6, NUM_CLASSES).double()
+    linear.load_state_dict(data["linear"])
+    labels = data["cases"]["batch_many"][0][:2]
+    expected = _global_batch_reference(linear, data["features"][:2], labels, "batch", 1)[0]
+    torch.testing.assert_close(results[0]["rank0_none"], expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(results[0]["rank0_auto_no_grad"], expected, rtol=1e-12, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------------

@@ -9,10 +9,10 @@ from torchvision.models.detection.retinanet import RetinaNetClassificationHead, 
 from torchvision.ops import box_iou
 
 # Importing detfocal.modeling.quality_heads registers "qfl" and "vfl" (also before detfocal/__init__.py imports it).
-from detfocal.modeling.quality_heads import (QualityFocalClassificationHead, VarifocalClassificationHead, box_quality_targets,
-                                retinanet_head_loss)
 from detfocal.modeling.heads import FocalClassificationHead, focal_head_loss, labels_from_matched_idxs
-from detfocal.modeling.retinanet import FocalRetinaNet, build_retinanet
+from detfocal.modeling.quality_heads import (QualityFocalClassificationHead, VarifocalClassificationHead,
+                                             box_quality_targets)
+from detfocal.modeling.retinanet import FocalRetinaNet, build_retinanet, retinanet_head_loss
 from detfocal.registry import HEADS
 
 F64 = torch.float64

@@ -10,7 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torchvision.ops import sigmoid_focal_loss as tv_sigmoid_focal_loss
 
+from conftest import LOSS_SCALES, assert_half_grad_matches_float64
 from detfocal import SigmoidFocalLoss, sigmoid_focal_loss, softmax_focal_loss
+from detfocal.losses import (focal_loss_with_probs, quality_focal_loss, sigmoid_focal_loss_star,
+                             varifocal_loss)
 
 ALPHAS = [-1, 0.0, 0.25, 0.58, 1.0]
 GAMMAS = [0.0, 0.5, 1.0, 2.0, 5.0]
@@ -73,7 +76,8 @@ def test_fp32_matches_torchvision_fp32():
 def test_matches_float64_formula():
     logits = torch.randn(50, 7, dtype=torch.float64) * 5
     targets = (torch.rand(50, 7) < 0.3).double()
-    torch.testing.assert_close(sigmoid_focal_loss(logits, targets, 0.3, 1.5), _reference_focal64(logits, targets, 0.3, 1.5))
+    torch.testing.assert_close(sigmoid_focal_loss(logits, targets, 0.3, 1.5),
+                               _reference_focal64(logits, targets, 0.3, 1.5))
 
 
 # ---------------------------------------------------------------- integer labels
@@ -235,6 +239,52 @@ def test_torchvision_is_nan_where_we_are_finite():
     assert torch.all(torch.isfinite(x.grad))
 
 
+# ---------------------------------------------------------------- mixed precision vs float64
+def _half_precision_cases(reduction):
+    """name -> (loss_fn(x), float32 input): detector-like logits (randn * 3 - 4) and their labels."""
+    generator = torch.Generator().manual_seed(11)
+    shape = (2, 300, 12)
+    logits = torch.randn(*shape, generator=generator) * 3 - 4
+    labels = torch.full(shape[:2], shape[-1])
+    labels.view(-1)[torch.randperm(600, generator=generator)[:40]] = torch.randint(0, 12, (40,), generator=generator)
+    labels[0, :5] = -1
+    hard = (torch.rand(shape, generator=generator) < 0.05).float()
+    soft = torch.where(torch.rand(shape, generator=generator) < 0.5, hard, torch.rand(shape, generator=generator))
+    scores = torch.rand(shape[:2], generator=generator)
+    iou = torch.where(hard > 0, torch.rand(shape, generator=generator), 0.0)
+    probs = torch.sigmoid(torch.randn(shape, generator=generator) * 1.5)
+    return {
+        "sigmoid_labels": (lambda x: sigmoid_focal_loss(x, labels, 0.25, 2.0, reduction), logits),
+        "sigmoid_soft": (lambda x: sigmoid_focal_loss(x, soft, 0.25, 2.0, reduction), logits),
+        "sigmoid_gamma0.5": (lambda x: sigmoid_focal_loss(x, labels, 0.25, 0.5, reduction), logits),
+        "softmax": (lambda x: softmax_focal_loss(x, labels.clamp(0, 11), None, 2.0, reduction), logits + 4),
+        "qfl": (lambda x: quality_focal_loss(x, labels, scores, 2.0, reduction), logits),
+        "vfl": (lambda x: varifocal_loss(x, iou, reduction=reduction), logits),
+        "fl_star": (lambda x: sigmoid_focal_loss_star(x, labels, reduction=reduction), logits),
+        "probs": (lambda x: focal_loss_with_probs(x, labels, reduction=reduction, eps=1e-4), probs),
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("name", list(_half_precision_cases("sum")))
+def test_half_precision_gradient_is_float64_gradient_rounded_once_at_every_loss_scale(name, reduction, dtype):
+    loss_fn, inputs = _half_precision_cases(reduction)[name]
+    for scale in LOSS_SCALES:
+        assert_half_grad_matches_float64(loss_fn, inputs.to(dtype), scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_gradient_of_a_detector_batch_has_no_nan_and_no_flushed_zeros(dtype):
+    """[1, 4000, 80] fp16 logits, 50 positives: a gradient saved in fp16 gave all NaN at GradScaler's
+    65536 and, for "mean" at 2^10, ~96k zeros where the rounded float64 gradient is not."""
+    logits = (torch.randn(1, 4000, 80) * 3 - 4).to(dtype)
+    labels = torch.full((1, 4000), 80)
+    labels[0, torch.randperm(4000)[:50]] = torch.randint(0, 80, (50,))
+    for reduction, scale in (("sum", 2.0 ** 16), ("mean", 2.0 ** 10)):
+        assert_half_grad_matches_float64(lambda x: sigmoid_focal_loss(x, labels, reduction=reduction), logits, scale)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs_computed_in_fp32(dtype):
     logits = torch.randn(64, 10) * 5
@@ -244,10 +294,11 @@ def test_half_inputs_computed_in_fp32(dtype):
     torch.testing.assert_close(low, sigmoid_focal_loss(logits.to(dtype).float(), labels, reduction="none"))
 
 
-def test_only_one_logits_sized_tensor_kept_for_backward():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_only_one_logits_sized_tensor_kept_for_backward_in_fp32(dtype):
     import gc
 
-    logits = torch.randn(2, 50, 8, requires_grad=True)
+    logits = torch.randn(2, 50, 8).to(dtype).requires_grad_()
     labels = torch.randint(0, 9, (2, 50))
 
     def logits_sized():
@@ -257,10 +308,12 @@ def test_only_one_logits_sized_tensor_kept_for_backward():
             warnings.simplefilter("ignore")  # touching deprecated torch aliases while scanning gc
             return [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.shape == logits.shape]
 
-    before = len(logits_sized())
+    before = {id(o) for o in logits_sized()}
     loss = sigmoid_focal_loss(logits, labels, reduction="sum")
-    assert len(logits_sized()) - before == 1
+    kept = [o for o in logits_sized() if id(o) not in before]
+    assert [o.dtype for o in kept] == [torch.float32]  # fp16 logits: the gradient waits in fp32
     loss.backward()
+    assert logits.grad.dtype == dtype
 
 
 @settings(max_examples=40, deadline=None)
@@ -322,13 +375,13 @@ def test_softmax_gamma2_matches_float64_formula():
                                per_sample.sum() / alpha[target].sum())
 
 
-def test_softmax_focal_is_not_the_seed_batch_mean_formula():
-    """The seeds computed (1 - exp(-CE_mean))^gamma * CE_mean: not a per-sample focal loss."""
+def test_softmax_focal_weights_each_sample_not_the_batch_mean():
+    """(1 - exp(-CE_mean))^gamma * CE_mean, the factor applied to the batch mean, is not a focal loss."""
     logits = torch.tensor([[4.0, 0.0], [0.0, 4.0]], dtype=torch.float64)
     target = torch.tensor([0, 0])  # one easy, one hard sample
     ce_mean = F.cross_entropy(logits, target)
-    seed_value = (1 - torch.exp(-ce_mean)) ** 2 * ce_mean
-    assert not torch.isclose(softmax_focal_loss(logits, target, gamma=2.0), seed_value)
+    batch_mean_value = (1 - torch.exp(-ce_mean)) ** 2 * ce_mean
+    assert not torch.isclose(softmax_focal_loss(logits, target, gamma=2.0), batch_mean_value)
 
 
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
@@ -369,12 +422,124 @@ def test_bad_input_raises_value_error_naming_the_argument(call, argument):
         call(torch.randn(4, 3))
 
 
+NON_FINITE_GAMMA_CALLS = {
+    "sigmoid": lambda g: sigmoid_focal_loss(torch.randn(4, 3), torch.zeros(4, 3), gamma=g),
+    "softmax": lambda g: softmax_focal_loss(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), gamma=g),
+    "module": lambda g: SigmoidFocalLoss(gamma=g),
+    "probs": lambda g: focal_loss_with_probs(torch.rand(4, 3), torch.zeros(4, 3), gamma=g),
+    "fl_star": lambda g: sigmoid_focal_loss_star(torch.randn(4, 3), torch.zeros(4, 3), gamma=g),
+    "vfl": lambda g: varifocal_loss(torch.randn(4, 3), torch.zeros(4, 3), gamma=g),
+}
+
+
+@pytest.mark.parametrize("value", [math.inf, math.nan], ids=["inf", "nan"])
+@pytest.mark.parametrize("name", list(NON_FINITE_GAMMA_CALLS))
+def test_non_finite_gamma_raises_value_error(name, value):
+    with pytest.raises(ValueError, match=rf"^gamma holds {value}, expected a finite real (>= 0|> 0)$"):
+        NON_FINITE_GAMMA_CALLS[name](value)
+    with pytest.raises(ValueError, match=rf"^beta holds {value}, expected a finite real >= 0$"):
+        quality_focal_loss(torch.randn(2, 3), torch.tensor([0, 3]), torch.rand(2), beta=value)
+
+
+@pytest.mark.parametrize("bad", [-0.5, 1.5, math.nan], ids=["negative", "above_one", "nan"])
+def test_float_targets_outside_unit_interval_raise_value_error_with_an_example(bad):
+    targets = torch.rand(4, 3)
+    targets[2, 1] = bad
+    with pytest.raises(ValueError, match=rf"^targets holds {bad}, expected values in \[0, 1\]$"):
+        sigmoid_focal_loss(torch.randn(4, 3), targets)
+
+
+def test_unsigned_labels_are_compared_as_their_values():
+    logits = torch.randn(4, 3)
+    labels = torch.tensor([0, 3, 255, 1], dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"^targets holds 255, expected labels in \[0, 3\]"):
+        sigmoid_focal_loss(logits, labels)  # 255 is not -1: it is out of range, not ignored
+    got = sigmoid_focal_loss(logits, labels, ignore_index=255, reduction="sum")
+    torch.testing.assert_close(got, sigmoid_focal_loss(logits, labels.long(), ignore_index=255, reduction="sum"))
+    torch.testing.assert_close(got, sigmoid_focal_loss(logits, torch.tensor([0, 3, -1, 1]), reduction="sum"))
+
+
+def test_string_alpha_and_empty_class_dimension_raise_value_error():
+    with pytest.raises(ValueError, match=r"^alpha holds '0.25' \(str\), expected a real in \[0, 1\], -1/None, or "
+                                         r"per-class/per-row weights$"):
+        sigmoid_focal_loss(torch.randn(4, 3), torch.zeros(4, 3), alpha="0.25")
+    with pytest.raises(ValueError, match=r"^alpha holds"):
+        softmax_focal_loss(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), alpha="0.25")
+    for call in (lambda: sigmoid_focal_loss(torch.randn(4, 0), torch.zeros(4, dtype=torch.long)),
+                 lambda: sigmoid_focal_loss(torch.randn(4, 0), torch.zeros(4, 0)),
+                 lambda: softmax_focal_loss(torch.randn(4, 0), torch.zeros(4, dtype=torch.long))):
+        with pytest.raises(ValueError, match=r"^logits holds 0 classes"):
+            call()
+
+
 def test_error_names_the_offending_value():
     with pytest.raises(ValueError, match="holds 7, expected labels in"):
         sigmoid_focal_loss(torch.randn(3, 4), torch.tensor([0, 7, 1]))
     with pytest.raises(ValueError, match="-0.5"):
         sigmoid_focal_loss(torch.randn(3, 4), torch.tensor([0, 1, 1]), gamma=-0.5)
     assert math.isfinite(sigmoid_focal_loss(torch.randn(3, 4), torch.tensor([0, 4, -1]), reduction="sum").item())
+
+
+# ---------------------------------------------------------------- gradients into targets and alpha
+def _reference_with_tensor_alpha(logits, targets, alpha, gamma):
+    """torchvision's definition with alpha a tensor broadcast against the logits, float64."""
+    p = torch.sigmoid(logits)
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = p * targets + (1 - p) * (1 - targets)
+    return ce * (1 - p_t) ** gamma * (alpha * targets + (1 - alpha) * (1 - targets))
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_soft_target_gradient_matches_torchvision_autograd(gamma, reduction):
+    logits = torch.randn(6, 20, 5, dtype=torch.float64) * 3
+    targets = torch.where(torch.rand(6, 20, 5) < 0.3, (torch.rand(6, 20, 5) < 0.5).double(),
+                          torch.rand(6, 20, 5, dtype=torch.float64))
+    grads = []
+    for fn in (sigmoid_focal_loss, tv_sigmoid_focal_loss):
+        x, t = logits.clone().requires_grad_(), targets.clone().requires_grad_()
+        out = fn(x, t, 0.25, gamma, reduction)
+        upstream = torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype).reshape(out.shape)
+        grads.append(torch.autograd.grad((out * upstream).sum(), (x, t)))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("gamma", [0.5, 2.0])
+def test_gradcheck_through_logits_targets_and_alpha(gamma):
+    logits = (torch.randn(3, 4, 3, dtype=torch.float64) * 2).requires_grad_()
+    targets = (torch.rand(3, 4, 3, dtype=torch.float64) * 0.9 + 0.05).requires_grad_()
+    per_class = torch.tensor([0.2, 0.5, 0.7], dtype=torch.float64, requires_grad=True)
+    per_row = (torch.rand(3, 4, dtype=torch.float64) * 0.8 + 0.1).requires_grad_()
+    labels = torch.tensor([[0, 3, -1, 2]] * 3)
+    for reduction in ("none", "mean"):
+        assert torch.autograd.gradcheck(lambda x, t, a: sigmoid_focal_loss(x, t, a, gamma, reduction),
+                                        (logits, targets, per_class))
+        assert torch.autograd.gradcheck(lambda x, a: sigmoid_focal_loss(x, labels, a, gamma, reduction,
+                                                                         label_smoothing=0.1), (logits, per_row))
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_alpha_tensor_gradient_matches_float64_autograd(reduction):
+    logits = torch.randn(5, 8, 4, dtype=torch.float64) * 3
+    labels = torch.randint(0, 5, (5, 8))
+    labels[0, :2] = -1
+    keep = (labels != -1).unsqueeze(-1).double()
+    one_hot = _one_hot_rows(labels, 4)
+    for alpha in (torch.rand(4, dtype=torch.float64), torch.rand(5, 8, dtype=torch.float64)):  # per class, per row
+        for targets in (labels, one_hot):
+            a = alpha.clone().requires_grad_()
+            out = sigmoid_focal_loss(logits, targets, a, 1.5, reduction)
+            ref_a = alpha.clone().requires_grad_()
+            ref = _reference_with_tensor_alpha(logits, one_hot, ref_a if alpha.dim() == 1 else ref_a[..., None], 1.5)
+            if targets is labels:
+                ref = ref * keep
+            count = keep.sum() * 4 if targets is labels else ref.numel()
+            ref = ref if reduction == "none" else ref.sum() / (count if reduction == "mean" else 1)
+            upstream = torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype).reshape(out.shape)
+            (got,) = torch.autograd.grad((out * upstream).sum(), a)
+            (expected,) = torch.autograd.grad((ref * upstream).sum(), ref_a)
+            torch.testing.assert_close(out, ref)
+            torch.testing.assert_close(got, expected)
 
 
 def test_backward_twice_through_retained_graph_is_correct():

@@ -5,7 +5,6 @@ ops (or against torch.nn.functional), plus its degenerate cases.
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 import subprocess
 import sys
@@ -410,6 +409,16 @@ def test_gradcheck_float64(name: str) -> None:
     assert torch.autograd.gradcheck(gradcheck_cases()[name], (x,))
 
 
+@pytest.mark.parametrize("name", ["fl_star", "focal_loss_with_probs"])
+def test_gradients_flow_into_soft_targets_and_alpha(name: str) -> None:
+    x = (torch.randn(2, 3, 3, dtype=F64) * 2).requires_grad_()
+    t = (torch.rand(2, 3, 3, dtype=F64) * 0.9 + 0.05).requires_grad_()
+    a = torch.tensor([0.2, 0.5, 0.7], dtype=F64, requires_grad=True)
+    loss_fn = {"fl_star": lambda x, t, a: sigmoid_focal_loss_star(x, t, 2.0, 1.0, a, "mean"),
+               "focal_loss_with_probs": lambda x, t, a: focal_loss_with_probs(torch.sigmoid(x), t, a, 0.5)}[name]
+    assert torch.autograd.gradcheck(loss_fn, (x, t, a))
+
+
 # --------------------------------------------------------------------------------------
 # Bad input: ValueError naming the argument.
 # --------------------------------------------------------------------------------------
@@ -447,6 +456,14 @@ BAD_INPUTS = {
     "vfl_targets_integer": ("targets", lambda: varifocal_loss(X, torch.zeros(2, 3, dtype=torch.long))),
     "vfl_alpha": ("alpha", lambda: varifocal_loss(X, torch.zeros(2, 3), alpha=-0.1)),
     "vfl_logits": ("logits", lambda: varifocal_loss(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3))),
+    "qfl_scores_grad": ("scores requires grad", lambda: quality_focal_loss(X, L, S.clone().requires_grad_())),
+    "vfl_targets_grad": ("targets requires grad", lambda: varifocal_loss(X, torch.zeros(2, 3, requires_grad=True))),
+    "softmax_alpha_grad": ("alpha requires grad", lambda: softmax_focal_loss(
+        X, L.clamp(max=2), alpha=torch.ones(3, requires_grad=True))),
+    "fl_star_gamma_inf": ("gamma holds inf", lambda: sigmoid_focal_loss_star(X, L, gamma=math.inf)),
+    "probs_targets_nan": ("targets holds nan", lambda: focal_loss_with_probs(P, torch.full((2, 3), math.nan))),
+    "probs_alpha_string": ("alpha holds '0.25'", lambda: focal_loss_with_probs(P, L, alpha="0.25")),
+    "nll_target_uint8": ("target holds 255", lambda: nll_loss_with_probs(P, torch.tensor([0, 255], dtype=torch.uint8))),
 }
 
 
@@ -495,13 +512,10 @@ def test_plot_focal_writes_png_and_svg(tmp_path: Path) -> None:
 def test_plot_focal_reports_a_bad_out_dir_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # In process (the subprocess test above already covers the entry point): a user error is
     # one line on stderr and exit code 2, no traceback.
-    from detfocal.cli import run_cli
+    from detfocal.cli import main
 
-    spec = importlib.util.spec_from_file_location("plot_focal_tool", ROOT / "tools" / "plot_focal.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
     not_a_dir = tmp_path / "file.txt"
     not_a_dir.write_text("x")
-    assert run_cli(tool.main, ["--out", str(not_a_dir)]) == 2
+    assert main(["plot-focal", "--out", str(not_a_dir)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: out_dir must be a directory") and len(err.strip().splitlines()) == 1

@@ -14,9 +14,10 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
+from detfocal.modeling.backbones import LastLevelP6P7Fp32
 from detfocal.modeling.heads import FocalClassificationHead, focal_head_loss, labels_from_matched_idxs
-from detfocal.modeling.retinanet import (FocalRetinaNet, build_retinanet, convert_retinanet, match_anchors,
-                             resolve_backbone_weights)
+from detfocal.modeling.retinanet import (FocalRetinaNet, anchor_crowd_ioa, build_retinanet, convert_retinanet,
+                                         match_anchors, resolve_backbone_weights)
 from detfocal.registry import BACKBONES, DETECTORS, HEADS, Registry
 
 SMALL = {"fpn_channels": 64, "min_size": 128, "max_size": 128}
@@ -62,6 +63,13 @@ def test_background_anchors_inside_crowd_boxes_become_ignored(crowd_dtype):
     assert recorded["targets"][0]["boxes"].tolist() == [[0.0, 0.0, 10.0, 10.0]]
     assert recorded["targets"][0]["labels"].tolist() == [0]
     assert recorded["matched_idxs"][0].tolist() == [0, -2, -2, -1, -1, 0]
+
+
+def test_anchor_crowd_ioa_is_intersection_over_anchor_area():
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 15.0, 25.0], [3.0, 3.0, 3.0, 8.0]])
+    crowd = torch.tensor([[0.0, 0.0, 20.0, 10.0], [10.0, 10.0, 30.0, 30.0]])
+    expected = torch.tensor([[100.0, 0.0], [50.0, 75.0], [0.0, 0.0]]) / torch.tensor([[100.0], [200.0], [1.0]])
+    torch.testing.assert_close(anchor_crowd_ioa(anchors, crowd), expected)  # a zero-area anchor has IoA 0
 
 
 def test_crowd_only_image_has_no_positives_and_ignores_covered_anchors():
@@ -178,6 +186,52 @@ def test_backbones_from_scratch_give_p3_to_p7_with_trainable_batchnorm(name):
     assert not any(isinstance(m, FrozenBatchNorm2d) for m in body.modules())
     assert any(isinstance(m, nn.BatchNorm2d) for m in body.modules())
     assert all(p.requires_grad for p in body.parameters())
+
+
+def test_p6p7_block_keeps_torchvision_keys_and_outputs_and_runs_in_fp32_under_bf16_autocast():
+    body, _ = BACKBONES.get("resnet18")(weights=None, fpn_channels=64)
+    block = body.fpn.extra_blocks
+    reference = LastLevelP6P7(64, 64)
+    assert isinstance(block, LastLevelP6P7Fp32) and isinstance(block, LastLevelP6P7)
+    assert list(block.state_dict()) == list(reference.state_dict()) == ["p6.weight", "p6.bias", "p7.weight", "p7.bias"]
+    block.load_state_dict(reference.state_dict(), strict=True)
+    p5 = torch.randn(2, 64, 2, 2)  # P5 of a 64 px image
+    ours, theirs = block([p5], [p5], ["p5"]), reference([p5], [p5], ["p5"])
+    assert ours[1] == theirs[1] == ["p5", "p6", "p7"]
+    torch.testing.assert_close(ours[0], theirs[0])
+    with torch.autocast("cpu", torch.bfloat16):
+        maps, _ = block([p5.bfloat16().to(memory_format=torch.channels_last)], [p5], ["p5"])
+    assert [tuple(m.shape[-2:]) for m in maps[1:]] == [(1, 1), (1, 1)]
+    assert [m.dtype for m in maps[1:]] == [torch.float32, torch.float32]
+    torch.testing.assert_close(maps[2], theirs[0][2], rtol=0.05, atol=0.05)  # fp32 convs of the bf16-rounded P5
+    maps, _ = block.bfloat16()([p5.bfloat16()], [p5], ["p5"])  # a bf16 model without autocast stays bf16
+    assert [m.dtype for m in maps[1:]] == [torch.bfloat16, torch.bfloat16]
+
+
+@pytest.mark.slow
+def test_bf16_autocast_channels_last_64px_retinanet_trains_100_sgd_steps_with_finite_gradients(one_thread):
+    # The backbone body is frozen (its bf16 convs are emulated on AVX2 CPUs and would take
+    # minutes); the FPN, whose P6 -> P7 conv sees a 1x1 map at 64 px, and both heads train.
+    model = build_retinanet(3, "resnet18", fpn_channels=64, min_size=64, max_size=64, trainable_backbone_layers=0,
+                            head={"type": "focal", "num_convs": 1}).train().to(memory_format=torch.channels_last)
+    extra_dtypes = set()
+    model.backbone.fpn.extra_blocks.register_forward_hook(
+        lambda module, inputs, output: extra_dtypes.update(m.dtype for m in output[0][-2:]))
+    generator = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 64, 64, generator=generator) for _ in range(2)]
+    targets = [{"boxes": torch.tensor([[5.0, 7.0, 33.0, 40.0]]), "labels": torch.tensor([0])},
+               {"boxes": torch.tensor([[13.0, 13.0, 53.0, 47.0]]), "labels": torch.tensor([1])}]
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(parameters, lr=0.01, momentum=0.9)
+    for step in range(100):
+        with torch.autocast("cpu", torch.bfloat16):
+            losses = model(images, targets)
+        optimizer.zero_grad()
+        (losses["classification"] + losses["bbox_regression"]).backward()
+        assert all(torch.isfinite(p.grad).all() for p in parameters), f"non-finite gradient at step {step}"
+        optimizer.step()
+    assert extra_dtypes == {torch.float32}
+    assert model.backbone.fpn.extra_blocks.p7.weight.grad.abs().sum() > 0
 
 
 def test_weights_name_resolves_without_download_and_bad_names_raise():

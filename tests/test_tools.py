@@ -1,4 +1,4 @@
-"""tools/train.py, tools/eval.py, tools/infer.py: end to end, distributed, errors, real COCO structure."""
+"""The commands (detfocal train|eval|infer|subset, tools/*.py): end to end, distributed, errors, security, real COCO."""
 from __future__ import annotations
 
 import json
@@ -16,7 +16,7 @@ import torchvision
 import yaml
 from PIL import Image
 
-from detfocal.cli import run_cli
+from detfocal.cli import main as cli_main
 from detfocal.config import load_config
 from detfocal.data import make_subset
 from detfocal.evaluation.coco import STAT_NAMES
@@ -29,15 +29,12 @@ COCO_SAMPLE = next((path for path in (ROOT / "tests" / "data" / "instances_val20
                     if path.is_file()), None)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_engine import load_tool, one_thread, tiny_overrides  # noqa: E402,F401  (one_thread: a fixture)
 
-
-def run_tool(*args: str, module: bool = False) -> subprocess.CompletedProcess:
-    """Run a tool as the user would, from the repo root; one thread each, for the shared CI cores."""
+def run_tool(*args: str, module: bool = False, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """Run a command as the user would, from the repo root; one thread each, for the shared CI cores."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     command = [sys.executable, *(["-m"] if module else []), *args]
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 def records(path: Path) -> list[dict]:
@@ -48,27 +45,22 @@ def is_png(path: Path) -> bool:
     return path.is_file() and path.read_bytes()[:8] == PNG_SIGNATURE
 
 
-@pytest.fixture(scope="module")
-def tools():
-    return {name: load_tool(name) for name in ("train", "eval", "infer")}
-
-
 # ---------------------------------------------------------------------------------------------
 # end to end, as subprocesses
 
 
 @pytest.mark.slow
-def test_train_eval_infer_end_to_end(tmp_path):
+def test_train_eval_infer_end_to_end(tmp_path, tiny):
     out = tmp_path / "run"
-    tiny = tiny_overrides(tmp_path / "shapes") + ["train.epochs=2", "train.max_iters=3"]
+    tiny = tiny + ["train.epochs=2", "train.max_iters=3"]
     result = run_tool("tools/train.py", str(DEMO), "--output-dir", str(out), "--set", *tiny)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "precision: fp32 (set by train.amp)" in result.stdout and "AP50" in result.stdout
 
     checkpoint = torch.load(out / "last.pth", weights_only=True)
-    assert {"model", "optimizer", "scheduler", "scaler", "epoch", "global_step", "rng", "best_ap", "config",
+    assert {"model", "optimizer", "scaler", "epoch", "iteration", "rng", "best_ap", "skipped_steps", "config",
             "num_classes", "label_to_category_id", "category_names"} <= set(checkpoint)
-    assert (checkpoint["epoch"], checkpoint["global_step"], checkpoint["num_classes"]) == (2, 3, 5)
+    assert (checkpoint["epoch"], checkpoint["iteration"], checkpoint["num_classes"]) == (1, 3, 5)
     assert checkpoint["label_to_category_id"] == [1, 3, 7, 12, 20]
     assert checkpoint["config"]["train"]["max_iters"] == 3
     assert torch.load(out / "best.pth", weights_only=True)["best_ap"] == checkpoint["best_ap"]
@@ -85,7 +77,7 @@ def test_train_eval_infer_end_to_end(tmp_path):
     assert isinstance(json.loads((out / "results.json").read_text()), list)
 
     evaluated = tmp_path / "eval"
-    result = run_tool("tools/eval.py", str(out / "last.pth"), "--out-dir", str(evaluated))
+    result = run_tool("detfocal", "eval", str(out / "last.pth"), "--out-dir", str(evaluated), module=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "per-class AP" in result.stdout and "circle" in result.stdout
     metrics = json.loads((evaluated / "metrics.json").read_text())
@@ -97,8 +89,8 @@ def test_train_eval_infer_end_to_end(tmp_path):
     assert is_png(evaluated / "pr_curves.png") and is_png(evaluated / "per_class_ap.png")
 
     images = sorted((tmp_path / "shapes" / "val").glob("*.png"))[:2]
-    result = run_tool("tools/infer.py", str(out / "last.pth"), *map(str, images), "--out", str(tmp_path / "drawn"),
-                      "--score-thresh", "0.0")
+    result = run_tool("detfocal", "infer", str(out / "last.pth"), *map(str, images), "--out", str(tmp_path / "drawn"),
+                      "--score-thresh", "0.0", module=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert len(result.stdout.splitlines()) == 2
     for image in images:
@@ -111,13 +103,13 @@ def test_train_eval_infer_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, tiny):
     # A frozen-BatchNorm backbone (as with pretrained weights): trainable BatchNorm would see
     # one image per process instead of two, and so would compute different statistics.
     weights = tmp_path / "resnet18.pth"
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet18().state_dict(), weights)
-    common = tiny_overrides(tmp_path / "shapes") + [f"model.weights_backbone={weights}", "data.augment={hflip: 0.0}",
+    common = tiny + [f"model.weights_backbone={weights}", "data.augment={hflip: 0.0}",
                                                     "train.max_iters=2"]
     single = run_tool("tools/train.py", str(DEMO), "--output-dir", str(tmp_path / "one"), "--set", *common,
                       "train.batch_size=2")
@@ -137,14 +129,14 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     assert [r["step"] for r in two if r["type"] == "train"] == [1, 2]  # one writer: rank 0
     epoch = [r for r in two if r["type"] == "epoch"][-1]
     assert "AP" in epoch  # evaluation gathered the two halves of the val set
-    assert torch.load(tmp_path / "two" / "last.pth", weights_only=True)["global_step"] == 2
+    assert torch.load(tmp_path / "two" / "last.pth", weights_only=True)["iteration"] == 2
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_interrupted_checkpoint_and_exits_130(tmp_path):
+def test_ctrl_c_saves_a_resumable_checkpoint_and_exits_130(tmp_path, tiny):
     out = tmp_path / "run"
-    command = [sys.executable, "tools/train.py", str(DEMO), "--output-dir", str(out), "--set",
-               *tiny_overrides(tmp_path / "shapes"), "train.epochs=100000", "eval.interval=100000"]
+    command = [sys.executable, "tools/train.py", str(DEMO), "--output-dir", str(out), "--set", *tiny,
+               "train.batch_size=1", "train.epochs=100000", "eval.interval=100000"]
     # SIGINT restored to its default in the child: shells ignore it in background jobs, and a
     # Python started with SIGINT ignored would never raise KeyboardInterrupt.
     process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True,
@@ -159,9 +151,12 @@ def test_ctrl_c_saves_interrupted_checkpoint_and_exits_130(tmp_path):
     finally:
         process.kill()
     assert process.returncode == 130, err[-2000:]
-    assert "interrupted: saved" in err
-    state = torch.load(out / "interrupted.pth", weights_only=True)
-    assert state["global_step"] >= torch.load(out / "last.pth", weights_only=True)["global_step"] >= 2
+    assert "stopping after this step" in err
+    last = torch.load(out / "last.pth", weights_only=True)["iteration"]
+    if "interrupted: saved" in err:  # mid-epoch: a checkpoint at that step
+        assert torch.load(out / "interrupted.pth", weights_only=True)["iteration"] > last >= 8
+    else:  # the step ended an epoch: last.pth is that step
+        assert "stopped at the end of epoch" in err and last >= 16
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,25 +178,31 @@ def test_bad_config_key_exits_2_with_one_line():
                "data.val.images={tmp}", "data.val.annotations=/no/such.json"],
      "error: annotation_file: /no/such.json does not exist"),
     ("train", ["{demo}", "--set", "data.shapes=null"], "error: data.train: needs 'images' and 'annotations' paths"),
-    ("train", ["{demo}", "--output-dir", "{tmp}", "--resume"], "error: checkpoint {tmp}/last.pth does not exist"),
-    ("train", ["{demo}", "--set", "model.head.gamma=-1"], "error: model.head.gamma: expected >= 0, got -1.0"),
+    ("train", ["{demo}", "--output-dir", "{tmp}", "--resume"],
+     "error: --resume: {tmp} has no last.pth or interrupted.pth to continue from"),
+    ("train", ["{demo}", "--set", "model.head.gamma=-1"], "error: model.head.gamma: expected >= 0, got -1 (int)"),
     ("eval", ["{tmp}/none.pth"], "error: checkpoint {tmp}/none.pth does not exist"),
     ("infer", ["{tmp}/none.pth", "{tmp}/none.png", "--out", "{tmp}"], "error: image {tmp}/none.png does not exist"),
     ("infer", ["{tmp}/none.pth", "{tmp}/none.png", "--out", "{tmp}", "--min-draw-size", "-1"],
-     "error: --min-draw-size: expected pixels >= 0, got -1"),
+     "error: --min-draw-size: expected pixels in [0, 4096], got -1"),
+    ("infer", ["{tmp}/none.pth", "{tmp}/none.png", "--out", "{tmp}", "--min-draw-size", "100000000"],
+     "error: --min-draw-size: expected pixels in [0, 4096], got 100000000"),
+    ("train", ["{demo}", "--output-dir", "{tmp}/bad_type.yaml"], "error: --output-dir {tmp}/bad_type.yaml is a file"),
+    ("eval", ["{tmp}/bad_type.yaml"], "error: checkpoint {tmp}/bad_type.yaml cannot be read with weights_only=True"),
+    ("subset", ["{tmp}/bad_type.yaml", "--out", "{tmp}/bad_type.yaml"], "error: --out {tmp}/bad_type.yaml is the input"),
 ])
-def test_user_errors_are_one_line_and_exit_2(tools, tmp_path, capsys, tool, argv, message):
+def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys, tool, argv, message):
     (tmp_path / "bad_type.yaml").write_text("_base_: " + str(DEMO) + "\ntrain: {epochs: ten}\n")
     names = {"missing": tmp_path / "missing.yaml", "bad_type": tmp_path / "bad_type.yaml", "demo": DEMO, "tmp": tmp_path}
     argv = [arg.format(**names) for arg in argv]
-    code = run_cli(tools[tool].main, argv)
+    code = cli_main([tool, *argv])
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1 and err.startswith(message.format(**names)), err
 
 
-def test_print_config_prints_the_resolved_yaml(tools, capsys):
-    code = run_cli(tools["train"].main, [str(DEMO), "--print-config", "--set", "model.head.gamma=1.5",
+def test_print_config_prints_the_resolved_yaml(capsys):
+    code = cli_main(["train", str(DEMO), "--print-config", "--set", "model.head.gamma=1.5",
                                          "data.subset.categories=[circle,star]"])
     printed = capsys.readouterr().out
     assert code == 0
@@ -225,7 +226,7 @@ def test_ablation_inherits_the_demo_and_changes_only_the_head():
 
 @pytest.mark.slow
 @pytest.mark.skipif(COCO_SAMPLE is None, reason="instances_val2014_100.json not found")
-def test_train_and_eval_on_the_coco_val2014_sample(tools, tmp_path, capsys, one_thread):
+def test_train_and_eval_on_the_coco_val2014_sample(tmp_path, capsys, one_thread):
     full = json.loads(COCO_SAMPLE.read_text())
     crowd_images = sorted({a["image_id"] for a in full["annotations"] if a["iscrowd"]})[:3]
     other_images = [image["id"] for image in full["images"] if image["id"] not in crowd_images][:5]
@@ -242,13 +243,13 @@ def test_train_and_eval_on_the_coco_val2014_sample(tools, tmp_path, capsys, one_
              "train.max_iters=2", "train.warmup_iters=1", "train.amp=off", "data.workers=0", "eval.batch_size=4",
              "eval.score_thresh=0.0"]  # after two steps every score is still near the 0.01 prior
     out = tmp_path / "run"
-    assert run_cli(tools["train"].main, [str(COCO), "--output-dir", str(out), "--set", *data, *small]) == 0
+    assert cli_main(["train", str(COCO), "--output-dir", str(out), "--set", *data, *small]) == 0
     checkpoint = torch.load(out / "last.pth", weights_only=True)
     assert checkpoint["num_classes"] == 80 and len(checkpoint["label_to_category_id"]) == 80
     assert checkpoint["label_to_category_id"][-1] == 90  # ids keep their gaps; labels are 0..79
 
     capsys.readouterr()
-    assert run_cli(tools["eval"].main, [str(out / "last.pth"), "--out-dir", str(tmp_path / "eval")]) == 0
+    assert cli_main(["eval", str(out / "last.pth"), "--out-dir", str(tmp_path / "eval")]) == 0
     assert "8 images" in capsys.readouterr().out
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert set(STAT_NAMES) <= set(metrics) and len(metrics["per_class"]) == 80
@@ -256,3 +257,66 @@ def test_train_and_eval_on_the_coco_val2014_sample(tools, tmp_path, capsys, one_
     category_ids = {category["id"] for category in full["categories"]}
     assert results and {r["category_id"] for r in results} <= category_ids
     assert {r["image_id"] for r in results} <= set(crowd_images + other_images)
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line itself, and what a checkpoint may not do
+
+
+def test_help_lists_every_command_without_importing_torch():
+    result = run_tool("-X", "importtime", "-m", "detfocal", "--help")
+    assert result.returncode == 0
+    for command in ("train", "eval", "infer", "subset", "shapes", "benchmark", "ablate", "plot-focal"):
+        assert f"    {command}" in result.stdout
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if "|" in line}
+    assert "torch" not in imported and "detfocal.config" not in imported
+
+
+def test_tools_scripts_are_the_same_commands(tmp_path):
+    result = run_tool("tools/train.py", "--help")
+    assert result.returncode == 0 and result.stdout.startswith("usage: detfocal train")
+    result = run_tool("tools/benchmark.py", "--help")
+    assert result.returncode == 0 and "usage: detfocal benchmark" in result.stdout
+
+
+def test_subset_refuses_to_overwrite_its_input(tmp_path, capsys):
+    source = tmp_path / "instances.json"
+    text = json.dumps({"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}]})
+    source.write_text(text)
+    assert cli_main(["subset", str(source), "--out", str(tmp_path / "." / "instances.json")]) == 2
+    assert "is the input" in capsys.readouterr().err and source.read_text() == text
+
+
+@pytest.mark.slow
+def test_a_checkpoint_never_imports_code_or_generates_data(tmp_path, tiny, capsys, monkeypatch, one_thread):
+    out = tmp_path / "run"
+    assert cli_main(["train", str(DEMO), "--output-dir", str(out), "--set", *tiny, "train.max_iters=1"]) == 0
+    state = torch.load(out / "last.pth", weights_only=True)
+    # A crafted checkpoint: its config imports a module next to the user, and points the shapes
+    # data at a folder that does not exist (evaluating would generate it).
+    (tmp_path / "evil_module.py").write_text(f"open({str(tmp_path / 'pwned')!r}, 'w').close()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    state["config"]["imports"] = ["evil_module"]
+    state["config"]["data"]["shapes"]["root"] = str(tmp_path / "elsewhere")
+    torch.save(state, tmp_path / "crafted.pth")
+    capsys.readouterr()
+    assert cli_main(["eval", str(tmp_path / "crafted.pth"), "--out-dir", str(tmp_path / "eval")]) == 2
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "elsewhere").exists()
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    images = sorted((tmp_path / "shapes" / "val").glob("*.png"))[:1]
+    assert cli_main(["infer", str(tmp_path / "crafted.pth"), str(images[0]), "--out", str(tmp_path / "drawn")]) == 0
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.slow
+def test_infer_reads_16_bit_png_as_float(tmp_path, tiny, capsys, one_thread):
+    out = tmp_path / "run"
+    assert cli_main(["train", str(DEMO), "--output-dir", str(out), "--set", *tiny, "train.max_iters=1"]) == 0
+    ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I;16")
+    assert cli_main(["infer", str(out / "last.pth"), str(tmp_path / "deep.png"), "--out", str(tmp_path / "drawn"),
+                     "--min-draw-size", "0"]) == 0
+    drawn = np.asarray(Image.open(tmp_path / "drawn" / "deep.png"))
+    assert drawn.shape == (64, 64, 3) and drawn.max() >= 250  # the full 16-bit range, not clipped at 255/65535

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import sys
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -12,12 +13,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 import torchvision
-from PIL import Image
 from pycocotools.coco import COCO
 from torchvision import tv_tensors
 from torchvision.datasets.vision import VisionDataset
 from torchvision.transforms.v2 import functional as F
 
+from detfocal.data.images import UndecodableImageError, decode_image_file
 from detfocal.data.subset import AnnotationSource, describe_source, load_coco_annotations, make_subset
 
 
@@ -50,6 +51,13 @@ class CocoDetection(torchvision.datasets.CocoDetection):
         keep_empty: keep images without non-crowd boxes (negatives). When False they are
             skipped, with one warning that counts them, and removed from ``coco`` too.
         seed: seed of the ``max_images`` sampling.
+        skip_bad_images: when an image file is missing or cannot be decoded (empty, not an
+            image, truncated, above PIL's pixel limit, or not the size the annotations say),
+            return the next good image in dataset order instead of raising, so batches keep
+            their size; the file is recorded in ``bad_images`` and reported once on stderr.
+            An image may then appear twice in an epoch. With DataLoader workers each worker
+            holds its own copy of the dataset, so ``bad_images`` of the main process only
+            counts what was loaded there (with ``num_workers=0``, everything).
 
     Attributes:
         coco: the pycocotools COCO object of the loaded (possibly filtered) annotations; use it
@@ -58,11 +66,16 @@ class CocoDetection(torchvision.datasets.CocoDetection):
         category_id_to_label: dict, the inverse mapping.
         category_names: list of names, indexed by label.
         num_classes: number of foreground classes.
+        bad_images: sorted file names of the images skipped so far (``skip_bad_images=True``).
+        num_bad_images: their count.
 
     Raises:
         FileNotFoundError: the annotation file or ``images_dir`` does not exist; at item time, an
             image file is missing (the message names the file and the annotation file).
-        ValueError: the annotations are malformed or reference an unknown image or category.
+        ValueError: the annotations are malformed or reference an unknown image or category; at
+            item time, an image cannot be decoded, on one line:
+            ``image <file_name> (id N) in <images_dir> cannot be decoded: <reason>``; with
+            ``skip_bad_images``, only when no image of the dataset can be loaded.
 
     Example:
         >>> dataset = CocoDetection("shapes/val", "shapes/annotations/instances_val.json")
@@ -80,6 +93,7 @@ class CocoDetection(torchvision.datasets.CocoDetection):
         max_images: int | None = None,
         keep_empty: bool = True,
         seed: int = 0,
+        skip_bad_images: bool = False,
     ) -> None:
         self.source = describe_source(annotation_file)
         # torchvision's constructor only accepts a path, so the base class is skipped and the
@@ -111,11 +125,23 @@ class CocoDetection(torchvision.datasets.CocoDetection):
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints "creating index..."
             self.coco.createIndex()
         self.ids = sorted(self.coco.imgs)
+        self.skip_bad_images = skip_bad_images
+        self._bad_images: dict[int, str] = {}  # image id -> file name, of the files skipped
 
     @property
     def num_classes(self) -> int:
         """Number of foreground classes."""
         return len(self.label_to_category_id)
+
+    @property
+    def bad_images(self) -> list[str]:
+        """File names of the images skipped so far, sorted (see ``skip_bad_images``)."""
+        return sorted(self._bad_images.values())
+
+    @property
+    def num_bad_images(self) -> int:
+        """How many images were skipped so far (see ``skip_bad_images``)."""
+        return len(self._bad_images)
 
     def _build_targets(self, dataset: dict[str, Any]) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Convert every image's annotations once, so degenerate boxes are counted in one warning."""
@@ -143,27 +169,49 @@ class CocoDetection(torchvision.datasets.CocoDetection):
                           f"after clamping to the image) from {self.source}", stacklevel=3)
         return targets
 
-    def _load_image(self, image_id: int) -> Image.Image:
+    def _load_image(self, image_id: int) -> torch.Tensor:
+        """The image as uint8 [3, H, W]; raises FileNotFoundError or a one-line ValueError."""
         info = self.coco.imgs[image_id]
         path = os.path.join(self.root, info["file_name"])
         if not os.path.isfile(path):
             raise FileNotFoundError(f"image file {path} (image id {image_id}) listed in {self.source} does not exist")
-        with Image.open(path) as image:
-            # A palette with a transparent colour must go through RGBA, or PIL warns on convert.
-            if image.mode == "P" and "transparency" in image.info:
-                image = image.convert("RGBA")
-            image = image.convert("RGB")
-        if "width" in info and "height" in info and image.size != (info["width"], info["height"]):
-            raise ValueError(f"image file {path} is {image.size[0]}x{image.size[1]} but {self.source} "
+        try:
+            image = decode_image_file(path)
+        except UndecodableImageError as exc:
+            raise ValueError(f"image {info['file_name']} (id {image_id}) in {self.root} cannot be decoded: "
+                             f"{exc.reason}") from None
+        if image.dtype != torch.uint8:
+            # 16-bit files: the transforms expect uint8, as from every other file.
+            image = F.to_dtype(image, torch.uint8, scale=True)
+        height, width = image.shape[-2:]
+        if "width" in info and "height" in info and (width, height) != (info["width"], info["height"]):
+            raise ValueError(f"image file {path} is {width}x{height} but {self.source} "
                              f"says {info['width']}x{info['height']}; its boxes would not match")
         return image
 
+    def _load_good_image(self, index: int) -> tuple[int, torch.Tensor]:
+        """``(image_id, image)`` of item ``index``, or with ``skip_bad_images`` of the first
+        loadable item from ``index`` on (wrapping around), so the choice depends only on ``index``."""
+        image_id = self.ids[index]  # an IndexError here ends iteration, as for any dataset
+        if not self.skip_bad_images:
+            return image_id, self._load_image(image_id)
+        for offset in range(len(self.ids)):
+            image_id = self.ids[(index + offset) % len(self.ids)]
+            if image_id in self._bad_images:
+                continue
+            try:
+                return image_id, self._load_image(image_id)
+            except (FileNotFoundError, ValueError) as exc:
+                self._bad_images[image_id] = self.coco.imgs[image_id]["file_name"]
+                print(f"warning: skipping a bad image (skip_bad_images=True): {exc}", file=sys.stderr, flush=True)
+        raise ValueError(f"images_dir: none of the {len(self.ids)} images listed in {self.source} can be loaded "
+                         f"from {self.root} (skip_bad_images=True skipped them all)")
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        image_id = self.ids[index]
-        pil_image = self._load_image(image_id)
-        width, height = pil_image.size
+        image_id, uint8_image = self._load_good_image(index)
+        height, width = uint8_image.shape[-2:]
         boxes, labels, iscrowd = self._targets[image_id]
-        image: Any = F.to_image(pil_image)
+        image: Any = tv_tensors.Image(uint8_image)
         target: dict[str, Any] = {
             # BoundingBoxes so that v2 transforms move the boxes with the image.
             "boxes": tv_tensors.BoundingBoxes(torch.from_numpy(boxes.copy()), format="XYXY", canvas_size=(height, width)),

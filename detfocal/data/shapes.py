@@ -35,6 +35,9 @@ EMPTY_IMAGE_FRACTION = 0.05
 MAX_OCCLUDED_FRACTION = 0.4
 _PLACEMENT_TRIES = 10
 _SPLITS = ("train", "val")
+# Written first into every folder `generate` creates: only such a folder (or an empty or new
+# one) is ever written into, so a mistyped root cannot scatter files through a user's folder.
+MARKER_FILE = "detfocal_shapes.json"
 # Fixed writer settings: PIL writes no timestamp chunk, so equal pixels give equal bytes.
 _PNG_OPTIONS = {"format": "PNG", "compress_level": 1, "optimize": False}
 
@@ -148,18 +151,49 @@ def render_image(rng: np.random.Generator, image_size: int, max_objects: int, mi
     return image, objects
 
 
+def _read_json_dict(path: Path) -> dict[str, Any] | None:
+    """The json object in ``path``, or None when it is missing, unreadable or not an object."""
+    try:
+        with path.open("r", encoding="utf-8") as handle:
+            content = json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+    return content if isinstance(content, dict) else None
+
+
 def _is_complete(json_path: Path, images_dir: Path, params: dict[str, Any]) -> bool:
     """True when ``json_path`` was written with ``params`` and all its images exist."""
-    if not json_path.is_file():
+    dataset = _read_json_dict(json_path)
+    if dataset is None or not isinstance(dataset.get("info"), dict) or dataset["info"].get("detfocal_shapes") != params:
         return False
-    try:
-        with json_path.open("r", encoding="utf-8") as handle:
-            dataset = json.load(handle)
-    except (OSError, json.JSONDecodeError):
+    images = dataset.get("images")
+    if not isinstance(images, list) or not all(isinstance(image, dict) and isinstance(image.get("file_name"), str)
+                                               for image in images):
         return False
-    if dataset.get("info", {}).get("detfocal_shapes") != params:
-        return False
-    return all((images_dir / image["file_name"]).is_file() for image in dataset.get("images", []))
+    return all((images_dir / image["file_name"]).is_file() for image in images)
+
+
+def _made_by_us(out_dir: Path) -> bool:
+    """True when ``out_dir`` holds our marker, or a json of ours from before the marker existed."""
+    marker = _read_json_dict(out_dir / MARKER_FILE)
+    if marker is not None and marker.get("generator") == "detfocal.data.shapes":
+        return True
+    for split in _SPLITS:
+        dataset = _read_json_dict(out_dir / "annotations" / f"instances_{split}.json")
+        if dataset is not None and isinstance(dataset.get("info"), dict) and "detfocal_shapes" in dataset["info"]:
+            return True
+    return False
+
+
+def _claim_folder(out_dir: Path) -> None:
+    """Create ``out_dir`` and mark it as ours, or raise if it is someone else's folder."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"out_dir: {out_dir} is a file; expected a folder for the shapes dataset")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not _made_by_us(out_dir):
+        raise ValueError(f"out_dir: {out_dir} is a non-empty folder that holds no shapes dataset (no {MARKER_FILE}); "
+                         f"expected a new or empty folder, or one made by detfocal.data.shapes.generate")
+    if not (out_dir / MARKER_FILE).is_file():
+        write_json_atomic(out_dir / MARKER_FILE, {"generator": "detfocal.data.shapes"})
 
 
 def _generate_split(out_dir: Path, split: str, params: dict[str, Any], progress: bool) -> None:
@@ -199,8 +233,9 @@ def generate(
 ) -> dict[str, Path]:
     """Write the shapes dataset (PNG images + COCO json), or reuse it if it is already there.
 
-    Layout: ``out_dir/{train,val}/NNNNNN.png`` and
-    ``out_dir/annotations/instances_{train,val}.json``. The parameters are stored in each json's
+    Layout: ``out_dir/{train,val}/NNNNNN.png``, ``out_dir/annotations/instances_{train,val}.json``
+    and the marker ``out_dir/detfocal_shapes.json``; ``out_dir`` must be new, empty, or made by
+    ``generate`` before. The parameters are stored in each json's
     ``info["detfocal_shapes"]``; a split whose json has the same parameters and whose images all
     exist is not regenerated. Objects are 5 shapes (ids 1, 3, 7, 12, 20; "star" is ~5% of objects),
     sized from ``min_object_size`` to ``image_size / 2`` px, up to ``max_objects`` per image,
@@ -220,7 +255,8 @@ def generate(
         Paths: ``train_images``, ``train_annotations``, ``val_images``, ``val_annotations``.
 
     Raises:
-        ValueError: a count or size is out of range.
+        ValueError: a count or size is out of range, or ``out_dir`` is a file or a non-empty
+            folder that ``generate`` did not make (it marks its folders with ``MARKER_FILE``).
 
     Example:
         >>> paths = generate("data/shapes", num_train=100, num_val=20)
@@ -234,6 +270,7 @@ def generate(
         raise ValueError(f"min_object_size: expected at most image_size / 2 = {image_size // 2}, got {min_object_size}")
 
     out_dir = Path(out_dir)
+    _claim_folder(out_dir)
     (out_dir / "annotations").mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     for split, num_images in (("train", num_train), ("val", num_val)):

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
+from torch import nn
 
 from detfocal.io import atomic_write
 
@@ -79,3 +80,69 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
     numpy_state = state["numpy"]
     np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["position"],
                          numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+
+
+# ----------------------------------------------------------------------------------------------
+# What a checkpoint holds, checked before a model is built from it.
+
+MODEL_KEYS = ("model", "config", "num_classes", "label_to_category_id", "category_names")
+RESUME_KEYS = MODEL_KEYS + ("optimizer", "rng", "best_ap")
+
+
+def describe_model(config: Mapping[str, Any], num_classes: int) -> str:
+    """One line naming what decides the weights' shapes, e.g. ``80 classes, resnet18, FPN 256, ...``."""
+    model = config.get("model", {})
+    head = model.get("head", {})
+    sizes = model.get("anchor_sizes")
+    scales = 3 if sizes is None else (len(sizes[0]) if isinstance(sizes[0], (list, tuple)) else 1)
+    anchors = scales * len(model.get("aspect_ratios", (0.5, 1.0, 2.0)))
+    return (f"{num_classes} classes, {model.get('backbone')}, FPN {model.get('fpn_channels')}, "
+            f"{head.get('type')} head with {head.get('num_convs', 4)} convs (norm {head.get('norm', 'none')}), "
+            f"{anchors} anchors per location")
+
+
+def check_compatible(checkpoint: Mapping[str, Any], config: Any, num_classes: int, *, source: str,
+                     resuming: bool = True) -> None:
+    """Refuse, in one line, a checkpoint that is not a detfocal run's or holds another model.
+
+    Args:
+        checkpoint: what :func:`load_checkpoint` returned.
+        config: the config the model will be built from (a ``Config``).
+        num_classes: the number of classes the model will have.
+        source: the checkpoint's path, for the message.
+        resuming: also require the optimizer and RNG state.
+
+    Raises:
+        ValueError: keys are missing, or the model's description differs (classes, backbone,
+            FPN width, head type, depth or norm, anchors per location).
+    """
+    from detfocal.config import config_to_dict
+
+    required = RESUME_KEYS if resuming else MODEL_KEYS
+    missing = [key for key in required if key not in checkpoint]
+    if missing:
+        raise ValueError(f"checkpoint {source} is not a detfocal training checkpoint: it has no {missing} "
+                         f"(it holds {sorted(checkpoint)[:8]})")
+    before = describe_model(checkpoint["config"], int(checkpoint["num_classes"]))
+    now = describe_model(config_to_dict(config), num_classes)
+    if before != now:
+        raise ValueError(f"checkpoint {source} holds another model; checkpoint: {before}; config: {now}")
+
+
+def load_weights(model: nn.Module, state_dict: Mapping[str, Any], *, source: str) -> None:
+    """``model.load_state_dict(state_dict)`` with a one-line error instead of the size-mismatch wall.
+
+    Raises:
+        ValueError: missing, unexpected or differently shaped keys (the first few are named).
+    """
+    own = model.state_dict()
+    missing = [key for key in own if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in own]
+    shapes = [f"{key} {tuple(state_dict[key].shape)} vs {tuple(value.shape)}" for key, value in own.items()
+              if key in state_dict and tuple(state_dict[key].shape) != tuple(value.shape)]
+    problems = [f"{label}: {', '.join(items[:3])}" + (f" (+{len(items) - 3} more)" if len(items) > 3 else "")
+                for label, items in (("missing", missing), ("unexpected", unexpected),
+                                     ("shape differs (checkpoint vs model)", shapes)) if items]
+    if problems:
+        raise ValueError(f"checkpoint {source} does not fit the model; " + "; ".join(problems))
+    model.load_state_dict(state_dict)

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from functools import partial
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -66,20 +67,24 @@ def lr_factor(iteration: int, *, warmup_iters: int, warmup_factor: float, schedu
     raise ValueError(f"train.schedule.type: expected 'step' or 'cosine', got {schedule!r}")
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, *, warmup_iters: int, warmup_factor: float,
-                    schedule: str, steps: Sequence[int] = (), gamma: float = 0.1,
-                    total_iters: int | None = None, min_lr_factor: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
-    """A per-iteration ``LambdaLR`` following ``lr_factor``; call ``step()`` after every optimizer step.
+def build_lr_schedule(*, warmup_iters: int, warmup_factor: float, schedule: str, steps: Sequence[int] = (),
+                      gamma: float = 0.1, total_iters: int | None = None,
+                      min_lr_factor: float = 0.0) -> Callable[[int], float]:
+    """The lr multiplier as a function of the global iteration (:func:`lr_factor` with these arguments).
 
-    Its ``last_epoch`` is the number of iterations done, which ``train_one_epoch`` uses as the
-    global step. The lambda is a closure, so ``state_dict()`` stays plain data.
+    The loop sets ``lr = base_lr * schedule(iteration)`` before every step, so the schedule has
+    no state: a resumed run only needs its iteration count.
+
+    Raises:
+        ValueError: as :func:`lr_factor`, now rather than mid-run.
     """
-    lr_factor(0, warmup_iters=warmup_iters, warmup_factor=warmup_factor, schedule=schedule, steps=steps,
-              gamma=gamma, total_iters=total_iters, min_lr_factor=min_lr_factor)  # validate now, not mid-run
-    steps = tuple(steps)
+    schedule_fn = partial(lr_factor, warmup_iters=warmup_iters, warmup_factor=warmup_factor, schedule=schedule,
+                          steps=tuple(steps), gamma=gamma, total_iters=total_iters, min_lr_factor=min_lr_factor)
+    schedule_fn(0)
+    return schedule_fn
 
-    def factor(iteration: int) -> float:
-        return lr_factor(iteration, warmup_iters=warmup_iters, warmup_factor=warmup_factor, schedule=schedule,
-                         steps=steps, gamma=gamma, total_iters=total_iters, min_lr_factor=min_lr_factor)
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every parameter group's learning rate to ``lr``."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr

@@ -1,24 +1,48 @@
 """Training precision: fp32, bf16 autocast (+ channels_last on CPU) or fp16 autocast + GradScaler."""
 from __future__ import annotations
 
+import platform
+
 import torch
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as the kernel reports them (empty where /proc/cpuinfo is missing)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            return set(next((line.split(":", 1)[1].split() for line in handle if line.startswith("flags")), []))
+    except OSError:
+        return set()
 
 
 def cpu_supports_bf16() -> bool:
     """Whether this CPU has native bf16 matrix instructions (AVX-512-BF16 or AMX-BF16).
 
-    Without them bf16 autocast is emulated and slower than fp32, so ``amp: auto`` keeps fp32.
+    Without them bf16 autocast is emulated, and measured slower than fp32 (README, Precision).
     """
     get_capabilities = getattr(torch.cpu, "get_capabilities", None)
     if get_capabilities is not None:
         capabilities = get_capabilities()
         return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
-    try:  # older torch: read the kernel's view of the flags
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_description() -> str:
+    """The CPU model and its vector extensions, e.g. ``AMD EPYC 7B13 (AVX2; no AVX-512, no AMX)``.
+
+    Every timing detfocal reports names this: a ratio measured on one CPU can miss on the next.
+    """
+    model = platform.processor() or platform.machine()
+    try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            flags = next((line.split(":", 1)[1].split() for line in handle if line.startswith("flags")), [])
+            model = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), model)
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        pass
+    flags = cpu_flags()
+    present = [name for flag, name in (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_bf16", "AVX-512-BF16"),
+                                       ("amx_bf16", "AMX-BF16")) if flag in flags]
+    absent = [name for flag, name in (("avx512f", "AVX-512"), ("amx_bf16", "AMX")) if flag not in flags]
+    return f"{model} ({', '.join(present) or 'no AVX2'}" + (f"; no {', no '.join(absent)}" if absent else "") + ")"
 
 
 def resolve_amp(mode: str, device: torch.device) -> tuple[torch.dtype | None, bool, str]:

@@ -96,22 +96,24 @@ def new_figure(**kwargs: Any) -> "Figure":
     return Figure(**kwargs)
 
 
-def _gamma_label(gamma: float) -> str:
-    return rf"$\gamma = {gamma:g}$"
+def _curves_against_p_t(p_t: Tensor, curves: Mapping[float, Tensor], ylabel: str) -> tuple["Figure", Any]:
+    """One line per gamma against the probability of the ground-truth class."""
+    fig = new_figure(figsize=(6.4, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    for gamma, curve in curves.items():
+        ax.plot(p_t.numpy(), curve.numpy(), label=rf"$\gamma = {gamma:g}$", linewidth=2)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("probability of ground truth class")
+    ax.set_ylabel(ylabel)
+    ax.legend(loc="upper right")
+    return fig, ax
 
 
 def figure_focal_loss(gammas: Sequence[float] = FIGURE1_GAMMAS) -> "Figure":
     """Lin et al. 2017, Figure 1: FL against the probability of the ground-truth class."""
     p_t, losses, _ = focal_loss_curves(gammas)
-    fig = new_figure(figsize=(6.4, 4.8), layout="constrained")
-    ax = fig.add_subplot()
-    for gamma in gammas:
-        ax.plot(p_t.numpy(), losses[gamma].numpy(), label=_gamma_label(gamma), linewidth=2)
-    ax.set_xlim(0, 1)
+    fig, ax = _curves_against_p_t(p_t, losses, "loss")
     ax.set_ylim(0, 5)
-    ax.set_xlabel("probability of ground truth class")
-    ax.set_ylabel("loss")
-    ax.legend(loc="upper right")
     # The paper's annotation: the easy examples (p_t > .5) that FL down-weights.
     ax.axvspan(0.6, 1.0, color="0.92", zorder=0)
     ax.annotate("", xy=(1.0, 1.0), xytext=(0.6, 1.0), arrowprops={"arrowstyle": "<->", "color": "0.3"})
@@ -124,17 +126,10 @@ def figure_focal_loss(gammas: Sequence[float] = FIGURE1_GAMMAS) -> "Figure":
 def figure_focal_gradient(gammas: Sequence[float] = FIGURE1_GAMMAS) -> "Figure":
     """The gradient magnitude |dFL/dx| against p_t (from autograd of detfocal's loss)."""
     p_t, _, grads = focal_loss_curves(gammas)
-    fig = new_figure(figsize=(6.4, 4.8), layout="constrained")
-    ax = fig.add_subplot()
-    for gamma in gammas:
-        ax.plot(p_t.numpy(), grads[gamma].numpy(), label=_gamma_label(gamma), linewidth=2)
-    ax.set_xlim(0, 1)
+    fig, ax = _curves_against_p_t(p_t, grads, r"$|\partial\,\mathrm{FL} / \partial x|$")
     # Not capped at 1: for gamma >= 1 the slope exceeds CE's near p_t = 0 (about 1.3 at gamma = 5).
     ax.set_ylim(bottom=0)
-    ax.set_xlabel("probability of ground truth class")
-    ax.set_ylabel(r"$|\partial\,\mathrm{FL} / \partial x|$")
     ax.set_title("gradient w.r.t. the logit (CE: $1 - p_t$)")
-    ax.legend(loc="upper right")
     return fig
 
 
@@ -308,3 +303,24 @@ def write_plots(evaluator: CocoEvaluator, out_dir: str | Path) -> list[Path]:
     """Write ``per_class_ap.png`` and ``pr_curves.png`` into ``out_dir``; return their paths."""
     out_dir = Path(out_dir)
     return [plot_per_class_ap(evaluator, out_dir / "per_class_ap.png"), plot_pr_curves(evaluator, out_dir / "pr_curves.png")]
+
+
+def plot_ablation(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], path: str | Path) -> Path:
+    """AP against the first grid key, one line per value of the others (``detfocal ablate``)."""
+    x_key, other = keys[0], list(keys[1:])
+    figure = new_figure(figsize=(6, 4), dpi=120, layout="constrained")
+    axes = figure.add_subplot()
+    groups: dict[tuple, list[tuple[float, float]]] = {}
+    for row in rows:
+        group = tuple(row["setting"][key] for key in other)
+        groups.setdefault(group, []).append((float(row["setting"][x_key]), 100 * row["AP"]))
+    for group, points in groups.items():
+        points.sort()
+        label = ", ".join(f"{key.rsplit('.', 1)[-1]}={value}" for key, value in zip(other, group)) or "AP"
+        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    axes.set_xlabel(x_key.rsplit(".", 1)[-1])
+    axes.set_ylabel("AP (0.5:0.95) x 100")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.savefig(path)
+    return Path(path)

@@ -1,7 +1,12 @@
-"""Argument checks shared by every loss: each error names the argument, the value and what was expected."""
+"""Argument checks and the label convention shared by every loss and head.
+
+Each error names the argument, the value and what was expected:
+``ValueError("gamma holds inf, expected a finite real >= 0")``.
+"""
 from __future__ import annotations
 
 import math
+from numbers import Real
 from typing import Sequence, Union
 
 import torch
@@ -10,6 +15,7 @@ from torch import Tensor
 AlphaLike = Union[float, Sequence[float], Tensor, None]
 REDUCTIONS = ("none", "mean", "sum")
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+ALPHA_EXPECTED = "a real in [0, 1], -1/None, or per-class/per-row weights"
 
 
 def check_values(values: Tensor, bad: Tensor, name: str, expected: str) -> None:
@@ -28,23 +34,78 @@ def check_values(values: Tensor, bad: Tensor, name: str, expected: str) -> None:
 
 
 def check_unit_interval(values: Tensor, name: str) -> None:
-    bad = ~((values >= 0) & (values <= 1))  # written so that NaN counts as bad
-    check_values(values, bad, name, "values in [0, 1]")
+    """Values in [0, 1], NaN rejected, from one fused min/max pass (no mask is built unless one is bad)."""
+    if values.numel() == 0:
+        return
+    low, high = torch.aminmax(values.detach())  # both NaN if any value is NaN
+    ok = (low >= 0) & (high <= 1)
+    if values.device.type != "cpu":
+        torch._assert_async(ok, f"{name} holds a value outside [0, 1] or NaN, expected values in [0, 1]")
+    elif not bool(ok):
+        check_values(values, ~((values >= 0) & (values <= 1)), name, "values in [0, 1]")
 
 
-def check_real(value: float, name: str, *, positive: bool = False) -> float:
-    value = float(value)
-    ok = value > 0 if positive else value >= 0  # comparisons with NaN are False: NaN is rejected
-    if not (ok and math.isfinite(value)):
-        raise ValueError(f"{name} must be a finite real number {'> 0' if positive else '>= 0'}, got {value}")
+def check_real(value: object, name: str, *, low: float = 0.0, high: float = math.inf, low_open: bool = False,
+               high_open: bool = False) -> float:
+    """A finite real in [low, high] (an end is open where ``*_open``); returns it as a float.
+
+    Raises:
+        ValueError: a non-real (a string, a tensor, None), NaN, inf or a value out of range.
+    """
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.requires_grad:
+        value = value.item()
+    if not isinstance(value, Real):
+        raise ValueError(f"{name} holds {value!r} ({type(value).__name__}), expected a real number")
+    number = float(value)
+    low_ok = number > low if low_open else number >= low
+    high_ok = number < high if high_open else number <= high
+    if not (math.isfinite(number) and low_ok and high_ok):  # comparisons with NaN are False
+        if high == math.inf and low == -math.inf:
+            expected = "a finite real"
+        elif high == math.inf:
+            expected = f"a finite real {'>' if low_open else '>='} {low:g}"
+        else:
+            expected = f"a finite real in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{name} holds {number}, expected {expected}")
+    return number
+
+
+def check_gamma(gamma: object, name: str = "gamma") -> float:
+    """A focusing exponent: a finite real >= 0."""
+    return check_real(gamma, name)
+
+
+def check_eps(eps: object) -> float:
+    return check_real(eps, "eps", high=0.5, low_open=True, high_open=True)
+
+
+def check_smoothing(label_smoothing: object) -> float:
+    return check_real(label_smoothing, "label_smoothing", high=1.0)
+
+
+def check_alpha(alpha: object) -> float | None:
+    """A scalar focal alpha: a real in [0, 1], or -1/None for no weighting (returned as None)."""
+    if alpha is None or (isinstance(alpha, Real) and not isinstance(alpha, bool) and float(alpha) == -1.0):
+        return None
+    if not isinstance(alpha, Real) or isinstance(alpha, bool):
+        raise ValueError(f"alpha holds {alpha!r} ({type(alpha).__name__}), expected {ALPHA_EXPECTED}")
+    value = float(alpha)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"alpha holds {value}, expected {ALPHA_EXPECTED}")
     return value
 
 
-def check_eps(eps: float) -> float:
-    eps = float(eps)
-    if not 0.0 < eps < 0.5:
-        raise ValueError(f"eps must be in (0, 0.5), got {eps}")
-    return eps
+def check_no_grad(value: object, name: str, function: str) -> None:
+    """Refuse a tensor that requires grad where ``function`` does not backpropagate into it."""
+    if isinstance(value, Tensor) and value.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{name} requires grad, expected a tensor without gradient: {function} does not "
+                         f"backpropagate into {name} (pass {name}.detach())")
+
+
+def compute_dtype(like: Tensor | torch.dtype) -> torch.dtype:
+    """The dtype the math runs in: fp64 stays fp64, everything else is computed in fp32."""
+    dtype = like if isinstance(like, torch.dtype) else like.dtype
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def check_logits(logits: Tensor, name: str = "logits") -> None:
@@ -54,6 +115,8 @@ def check_logits(logits: Tensor, name: str = "logits") -> None:
         raise ValueError(f"{name} must be a floating tensor (fp16/bf16/fp32/fp64), got dtype {logits.dtype}")
     if logits.dim() < 1:
         raise ValueError(f"{name} must have a class dimension [..., C], got a 0-d tensor")
+    if logits.shape[-1] == 0:
+        raise ValueError(f"{name} holds 0 classes (shape {tuple(logits.shape)}), expected a class dimension C >= 1")
 
 
 def check_reduction(reduction: str) -> None:
@@ -61,40 +124,38 @@ def check_reduction(reduction: str) -> None:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
-def check_gamma(gamma: float, name: str = "gamma") -> float:
-    gamma = float(gamma)
-    if not gamma >= 0.0:  # also rejects NaN
-        raise ValueError(f"{name} must be a real number >= 0, got {gamma}")
-    return gamma
-
-
-def check_smoothing(label_smoothing: float) -> float:
-    label_smoothing = float(label_smoothing)
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    return label_smoothing
-
-
-def compute_dtype(logits: Tensor) -> torch.dtype:
-    """The dtype the math runs in: fp64 stays fp64, everything else is computed in fp32."""
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
-
-
 def check_int_labels(labels: Tensor, logits: Tensor, ignore_index: int, name: str = "targets", *,
-                     background_ok: bool = True) -> None:
+                     background_ok: bool = True) -> Tensor:
     """Integer class indices of shape ``logits.shape[:-1]`` in [0, C] (C only if ``background_ok``) or ignore_index.
 
+    Values are compared as int64, so an unsigned 255 is 255 (not ``ignore_index=-1``).
     The value check is ``check_values``: immediate on CPU, an asynchronous assert on CUDA.
+
+    Returns:
+        The labels as int64.
     """
+    if labels.dtype not in INT_DTYPES:
+        raise ValueError(f"{name} must be an integer tensor of shape {tuple(logits.shape[:-1])}, got dtype "
+                         f"{labels.dtype}")
     if labels.shape != logits.shape[:-1]:
         raise ValueError(
             f"{name} with integer dtype must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, "
             f"got {tuple(labels.shape)}")
+    labels = labels.long()
     num_classes = logits.shape[-1]
     high = num_classes if background_ok else num_classes - 1
     bad = ((labels < 0) | (labels > high)) & (labels != ignore_index)
     check_values(labels, bad, name, f"labels in [0, {high}]{' (C = background)' if background_ok else ''} "
                                     f"or ignore_index={ignore_index}")
+    return labels
+
+
+def foreground_mask(labels: Tensor, num_classes: int, ignore_index: int | None = None) -> Tensor:
+    """Where ``labels`` (int64) name a foreground class: in [0, num_classes) and not ``ignore_index``."""
+    foreground = (labels >= 0) & (labels < num_classes)
+    if ignore_index is not None and 0 <= ignore_index < num_classes:
+        foreground &= labels != ignore_index
+    return foreground
 
 
 def alpha_tensor(alpha: AlphaLike, logits: Tensor, dtype: torch.dtype) -> Tensor | None:
@@ -103,18 +164,16 @@ def alpha_tensor(alpha: AlphaLike, logits: Tensor, dtype: torch.dtype) -> Tensor
     Accepted forms: a float in [0, 1]; -1 or None (no weighting); a length-C sequence or
     tensor (per class); a tensor of shape ``logits.shape[:-1]`` (per row) or anything
     else broadcastable to ``logits.shape``. A 1-d length-C tensor is read as per class;
-    pass ``alpha[..., None]`` to force per-row on square ``[C, C]`` inputs.
+    pass ``alpha[..., None]`` to force per-row on square ``[C, C]`` inputs. A tensor that
+    requires grad keeps its graph.
     """
-    if alpha is None:
-        return None
-    if isinstance(alpha, (int, float)):
-        alpha = float(alpha)
-        if alpha == -1.0:
-            return None
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], or -1/None for no weighting, got {alpha}")
-        return torch.tensor(alpha, dtype=dtype, device=logits.device)
-    tensor = torch.as_tensor(alpha, dtype=dtype, device=logits.device)
+    if alpha is None or isinstance(alpha, (Real, str, bytes)):
+        value = check_alpha(alpha)
+        return None if value is None else torch.tensor(value, dtype=dtype, device=logits.device)
+    try:
+        tensor = torch.as_tensor(alpha, dtype=dtype, device=logits.device)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"alpha holds {alpha!r} ({type(alpha).__name__}), expected {ALPHA_EXPECTED}") from None
     num_classes = logits.shape[-1]
     if tensor.dim() == 1 and tensor.shape[0] == num_classes:
         shaped = tensor

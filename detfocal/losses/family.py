@@ -1,9 +1,9 @@
-"""The rest of the focal-loss family: each idea from the seed snippets, done right.
+"""The rest of the focal-loss family.
 
 - Probability inputs (mmdet's ``activated=True``): :func:`focal_loss_with_probs`,
   :func:`binary_cross_entropy_with_probs`, :func:`nll_loss_with_probs`.
 - FL* from the appendix of Lin et al. 2017: :func:`sigmoid_focal_loss_star`.
-- A per-image alpha from object counts (the seed's FL-DoN): :func:`alpha_from_object_counts`.
+- A per-image alpha from object counts: :func:`alpha_from_object_counts`.
 - Cosine loss plus softmax focal loss: :func:`focal_cosine_loss`.
 
 The generalised focal losses, :func:`~detfocal.losses.quality_focal_loss` (GFL) and
@@ -13,8 +13,9 @@ The generalised focal losses, :func:`~detfocal.losses.quality_focal_loss` (GFL) 
 Conventions follow :mod:`detfocal.losses.focal`: ``[..., C]`` inputs, math in fp32 (fp64
 stays fp64), integer labels with C = background, "none"/"sum"/"mean" reductions, and
 finite gradients at saturated inputs. Every loss here is written with softplus/clamps
-that autograd differentiates safely; the two whose naive autograd would meet inf * 0 (a
-power below 1 of something that reaches 0) compute their gradient analytically, in
+that autograd differentiates safely, so gradients also flow into float targets and alpha
+tensors that require grad; the two whose naive autograd would meet inf * 0 (a power below
+1 of something that reaches 0) compute their gradient analytically, in
 :mod:`detfocal.losses.quality`, which shares this module's argument checks.
 """
 from __future__ import annotations
@@ -64,10 +65,9 @@ def _dense_targets(targets: Tensor, logits: Tensor, ignore_index: int, dtype: to
     if targets.dtype not in checks.INT_DTYPES:
         raise ValueError(f"{name} must be a float tensor of shape {tuple(logits.shape)} or an integer tensor of "
                          f"shape {tuple(logits.shape[:-1])}, got dtype {targets.dtype}")
-    checks.check_int_labels(targets, logits, ignore_index, name)
-    labels = targets.long()
+    labels = checks.check_int_labels(targets, logits, ignore_index, name)
     valid = labels != ignore_index
-    is_pos = valid & (labels >= 0) & (labels < logits.shape[-1])
+    is_pos = checks.foreground_mask(labels, logits.shape[-1], ignore_index)
     index = torch.where(is_pos, labels, torch.zeros_like(labels)).unsqueeze(-1)  # [...] -> [..., 1]
     dense = torch.zeros(logits.shape, dtype=dtype, device=logits.device)
     dense.scatter_(-1, index, is_pos.unsqueeze(-1).to(dtype))  # background and ignored rows stay 0
@@ -111,16 +111,8 @@ def _check_probs(probs: Tensor) -> None:
     checks.check_unit_interval(probs, "probs")
 
 
-def focal_loss_with_probs(
-    probs: Tensor,
-    targets: Tensor,
-    alpha: AlphaLike = 0.25,
-    gamma: float = 2.0,
-    reduction: str = "none",
-    eps: float = 1e-6,
-    *,
-    ignore_index: int = -1,
-) -> Tensor:
+def focal_loss_with_probs(probs: Tensor, targets: Tensor, alpha: AlphaLike = 0.25, gamma: float = 2.0,
+                          reduction: str = "none", eps: float = 1e-6, *, ignore_index: int = -1) -> Tensor:
     """Sigmoid focal loss on probabilities, -alpha_t (1 - p_t)^gamma log(p_t) (Lin et al. 2017, eq. 5).
 
     mmdet's ``FocalLoss(activated=True)``: for heads that already output sigmoid
@@ -169,18 +161,13 @@ def focal_loss_with_probs(
     return _reduce_elementwise(loss, valid, reduction)
 
 
-def binary_cross_entropy_with_probs(
-    probs: Tensor,
-    targets: Tensor,
-    reduction: str = "mean",
-    eps: float = 1e-6,
-    ignore_index: int = -1,
-) -> Tensor:
+def binary_cross_entropy_with_probs(probs: Tensor, targets: Tensor, reduction: str = "mean", eps: float = 1e-6,
+                                    ignore_index: int = -1) -> Tensor:
     """Binary cross entropy on probabilities, -(t log p + (1 - t) log(1 - p)).
 
     ``F.binary_cross_entropy`` that also takes class indices and clamps instead of capping
-    the log at -100 (the seed's ``BinaryCrossEntropy``). Same clamping as
-    :func:`focal_loss_with_probs`, of which this is the gamma = 0, alpha = None case.
+    the log at -100. Same clamping as :func:`focal_loss_with_probs`, of which this is the
+    gamma = 0, alpha = None case.
 
     Args:
         probs: probabilities in [0, 1], float ``[..., C]``.
@@ -199,18 +186,13 @@ def binary_cross_entropy_with_probs(
     return focal_loss_with_probs(probs, targets, None, 0.0, reduction, eps, ignore_index=ignore_index)
 
 
-def nll_loss_with_probs(
-    probs: Tensor,
-    target: Tensor,
-    reduction: str = "mean",
-    eps: float = 1e-6,
-    ignore_index: int = -100,
-) -> Tensor:
+def nll_loss_with_probs(probs: Tensor, target: Tensor, reduction: str = "mean", eps: float = 1e-6,
+                        ignore_index: int = -100) -> Tensor:
     """Negative log likelihood of softmax probabilities, -sum_j t_j log p_j per row.
 
-    ``F.nll_loss(torch.log(probs), target)`` in the ``[..., C]`` layout (the seed's
-    ``NegtiveLogLoss``). Probabilities are clamped below at eps (for fp16 at least about
-    6.1e-5) so that a zero probability gives a finite loss; -log p needs no upper clamp.
+    ``F.nll_loss(torch.log(probs), target)`` in the ``[..., C]`` layout. Probabilities are
+    clamped below at eps (for fp16 at least about 6.1e-5) so that a zero probability gives
+    a finite loss; -log p needs no upper clamp.
 
     Args:
         probs: probabilities, float ``[..., C]`` (rows normally sum to 1).
@@ -240,9 +222,9 @@ def nll_loss_with_probs(
         loss = -(target.to(dtype) * log_p).sum(-1)
         count = torch.tensor(loss.numel(), dtype=dtype, device=loss.device)
     elif isinstance(target, Tensor) and target.dtype in checks.INT_DTYPES:
-        checks.check_int_labels(target, probs, ignore_index, "target", background_ok=False)
+        target = checks.check_int_labels(target, probs, ignore_index, "target", background_ok=False)
         valid = target != ignore_index
-        index = torch.where(valid, target.long(), torch.zeros_like(target, dtype=torch.long))
+        index = torch.where(valid, target, torch.zeros_like(target))
         picked = log_p.gather(-1, index.unsqueeze(-1)).squeeze(-1)  # [..., C] -> [...]
         loss = torch.where(valid, -picked, torch.zeros_like(picked))
         count = valid.sum().to(dtype)
@@ -296,10 +278,8 @@ def sigmoid_focal_loss_star(
     """
     checks.check_logits(logits)
     checks.check_reduction(reduction)
-    gamma = checks.check_real(gamma, "gamma", positive=True)
-    beta = float(beta)
-    if not math.isfinite(beta):
-        raise ValueError(f"beta must be a finite real number, got {beta}")
+    gamma = checks.check_real(gamma, "gamma", low_open=True)
+    beta = checks.check_real(beta, "beta", low=-math.inf)
     dtype = checks.compute_dtype(logits)
     alpha_t = checks.alpha_tensor(alpha, logits, dtype)
     t, valid = _dense_targets(targets, logits, ignore_index, dtype)
@@ -309,7 +289,7 @@ def sigmoid_focal_loss_star(
 
 
 # --------------------------------------------------------------------------------------
-# Dynamic alpha from object counts (the seed's FL-DoN).
+# Dynamic alpha from object counts.
 # --------------------------------------------------------------------------------------
 def alpha_from_object_counts(num_objs: Tensor | Sequence[float]) -> Tensor:
     """Per-image alpha, alpha_i = clamp(num_objs_i / mean(num_objs), 0, 1).
@@ -343,8 +323,9 @@ def alpha_from_object_counts(num_objs: Tensor | Sequence[float]) -> Tensor:
     if counts.dtype == torch.bool or counts.is_complex():
         raise ValueError(f"num_objs must hold real counts, got dtype {counts.dtype}")
     if counts.dim() != 1 or counts.numel() == 0:
-        raise ValueError(f"num_objs must be a non-empty 1-d sequence of per-image counts, got shape {tuple(counts.shape)}")
-    counts = counts.to(torch.float64 if counts.dtype == torch.float64 else torch.float32)
+        raise ValueError("num_objs must be a non-empty 1-d sequence of per-image counts, got shape "
+                         f"{tuple(counts.shape)}")
+    counts = counts.to(checks.compute_dtype(counts))
     checks.check_values(counts, ~(torch.isfinite(counts) & (counts >= 0)), "num_objs", "finite counts >= 0")
     # All-zero counts: 0 / tiny = 0 instead of 0 / 0.
     return (counts / counts.mean().clamp(min=torch.finfo(counts.dtype).tiny)).clamp(0.0, 1.0)
@@ -370,8 +351,8 @@ def focal_cosine_loss(
     without Pre-Training using Cosine Loss"), and FL_softmax = -alpha_t (1 - p_t)^gamma log p_t
     is :func:`~detfocal.losses.softmax_focal_loss`. The pairing follows Kim et al. 2020,
     "Data-Efficient Deep Learning Method for Image Classification Using Data Augmentation,
-    Focal Cosine Loss, and Ensemble". The seed called ``F.sin_embedding_loss``, which does
-    not exist; the cosine term here equals ``F.cosine_embedding_loss(x, onehot, 1)``.
+    Focal Cosine Loss, and Ensemble". The cosine term equals
+    ``F.cosine_embedding_loss(x, onehot, 1)``.
 
     ||x|| is floored at 1e-12 (fp16: about 6.1e-5, so that the slope ~1/||x|| fits), which
     makes an all-zero logit row give cos = 0 and a finite gradient.
@@ -398,8 +379,9 @@ def focal_cosine_loss(
     focal = softmax_focal_loss(logits, target, alpha, gamma, reduction, ignore_index)
     dtype = checks.compute_dtype(logits)
     x = logits.to(dtype)
+    target = target.long()
     valid = target != ignore_index
-    index = torch.where(valid, target.long(), torch.zeros_like(target, dtype=torch.long)).unsqueeze(-1)
+    index = torch.where(valid, target, torch.zeros_like(target)).unsqueeze(-1)
     norm = torch.linalg.vector_norm(x, dim=-1).clamp(min=max(1e-12, _grad_floor(logits.dtype)))
     cosine = 1 - x.gather(-1, index).squeeze(-1) / norm  # [..., C] -> [...]
     cosine = torch.where(valid, cosine, torch.zeros_like(cosine))

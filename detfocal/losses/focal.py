@@ -1,8 +1,8 @@
 """Sigmoid and softmax focal loss (Lin et al. 2017, "Focal Loss for Dense Object Detection").
 
 Both losses compute their gradient analytically in the forward pass and save only that
-gradient for backward (NVIDIA apex's pattern), so backward is a single multiply and at
-most one logits-sized tensor stays alive between forward and backward.
+gradient for backward (:mod:`detfocal.losses.autograd`), so backward is a single multiply
+and at most one logits-sized tensor stays alive between forward and backward.
 
 Why analytic: autograd differentiates ``(1 - p_t) ** gamma`` into ``gamma * (1 - p_t) **
 (gamma - 1)``, which is ``inf`` at saturated logits when gamma < 1 and turns into NaN
@@ -11,13 +11,14 @@ negative power, so it is finite for every gamma >= 0 and every logit.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import checks
+from .autograd import LossAndGrads, reduce_loss_and_grad, saved_grad_loss
 from .checks import AlphaLike
 from .compile import select_backend
 
@@ -62,24 +63,46 @@ def focal_terms(z: Tensor, t: Tensor | float, alpha: Tensor | None, gamma: float
     return loss, grad
 
 
-def _reduce(loss: Tensor, grad: Tensor | None, reduction: str, count: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    if reduction == "sum":
-        return loss.sum(), grad
-    if reduction == "mean":
-        denom = torch.as_tensor(loss.numel(), dtype=loss.dtype, device=loss.device) if count is None else count
-        denom = denom.clamp(min=1)
-        return loss.sum() / denom, None if grad is None else grad / denom
-    return loss, grad
+def focal_target_grads(z: Tensor, t: Tensor, alpha: Tensor | None, gamma: float, need_t: bool,
+                       need_alpha: bool) -> tuple[Tensor | None, Tensor | None]:
+    """Elementwise d loss / d t and d loss / d alpha of :func:`focal_terms` (soft-target distillation, learned alpha).
+
+    With q = t(1 - p) + (1 - t)p, CE = t softplus(-z) + (1 - t) softplus(z) and
+    alpha_t = alpha t + (1 - alpha)(1 - t): dq/dt = 1 - 2p, dCE/dt = softplus(-z) - softplus(z)
+    = -z and dalpha_t/dt = 2 alpha - 1, so
+        dloss/dt = q**gamma ((2 alpha - 1) CE + alpha_t (gamma (1 - 2p) CE / q - z)),
+        dloss/dalpha = (2t - 1) q**gamma CE.
+    CE / q is bounded (q -> 0 only for a hard target at a saturated logit, where CE -> 0 as
+    fast), so even gamma < 1 needs no q**(gamma - 1).
+    """
+    p = torch.sigmoid(z)
+    ce = t * F.softplus(-z) + (1 - t) * F.softplus(z)
+    q = t * torch.sigmoid(-z) + (1 - t) * p
+    weight = q.pow(gamma)
+    grad_t = grad_alpha = None
+    if need_t:
+        inner = gamma * (1 - 2 * p) * torch.where(q > 0, ce / q, torch.zeros_like(q)) - z
+        if alpha is not None:
+            inner = (2 * alpha - 1) * ce + (alpha * t + (1 - alpha) * (1 - t)) * inner
+        grad_t = weight * inner
+    if need_alpha:
+        grad_alpha = (2 * t - 1) * weight * ce
+    return grad_t, grad_alpha
 
 
 def focal_float_targets(z: Tensor, targets: Tensor, alpha: Tensor | None, gamma: float, reduction: str,
-                        label_smoothing: float, need_grad: bool) -> tuple[Tensor, Tensor | None]:
-    """Float (soft or one-hot) targets, same shape as ``z``."""
+                        label_smoothing: float, needs: tuple[bool, ...]) -> LossAndGrads:
+    """Float (soft or one-hot) targets of ``z``'s shape; ``needs``: gradients wanted for (z, targets, alpha)."""
     t = targets.to(z.dtype)
     if label_smoothing:
         t = t * (1 - label_smoothing) + label_smoothing / 2
-    loss, grad = focal_terms(z, t, alpha, gamma, need_grad)
-    return _reduce(loss, grad, reduction, None)
+    loss, grad = focal_terms(z, t, alpha, gamma, needs[0])
+    grad_t = grad_alpha = None
+    if needs[1] or needs[2]:
+        grad_t, grad_alpha = focal_target_grads(z, t, alpha, gamma, needs[1], needs[2] and alpha is not None)
+        if grad_t is not None and label_smoothing:
+            grad_t = grad_t * (1 - label_smoothing)
+    return reduce_loss_and_grad(loss, (grad, grad_t, grad_alpha), reduction)
 
 
 def hard_terms(z: Tensor, positive: bool, alpha: Tensor | None, gamma: float,
@@ -108,17 +131,18 @@ def hard_terms(z: Tensor, positive: bool, alpha: Tensor | None, gamma: float,
 
 
 def focal_int_targets(z: Tensor, labels: Tensor, alpha: Tensor | None, gamma: float, reduction: str,
-                      ignore_index: int, label_smoothing: float, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+                      ignore_index: int, label_smoothing: float, needs: tuple[bool, ...]) -> LossAndGrads:
     """Integer labels ``[...]``: c in [0, C) positive for class c, C background, ignore_index ignored.
 
     No one-hot: every element is computed as a negative, then the one positive column of
     each foreground row is recomputed from a gather ([...] elements) and corrected: for
     "sum"/"mean" the correction is added to the total, for "none" and the gradient it is
-    scattered in place.
+    scattered in place. ``needs``: gradients wanted for (z, alpha); the alpha gradient
+    (rarely wanted) is computed from a dense one-hot.
     """
     num_classes = z.shape[-1]
     valid = labels != ignore_index
-    is_pos = (valid & (labels >= 0) & (labels < num_classes)).unsqueeze(-1)  # [..., 1]
+    is_pos = checks.foreground_mask(labels, num_classes, ignore_index).unsqueeze(-1)  # [..., 1]
     index = torch.where(is_pos.squeeze(-1), labels, torch.zeros_like(labels)).unsqueeze(-1)  # [..., 1]
     valid_f = valid.unsqueeze(-1).to(z.dtype)  # [..., 1]
     z_label = z.gather(-1, index)  # [..., 1]
@@ -129,8 +153,8 @@ def focal_int_targets(z: Tensor, labels: Tensor, alpha: Tensor | None, gamma: fl
     def terms(x: Tensor, positive: bool, a: Tensor | None) -> tuple[Tensor, Tensor | None]:
         if label_smoothing:
             t = 1 - label_smoothing / 2 if positive else label_smoothing / 2
-            return focal_terms(x, t, a, gamma, need_grad)
-        return hard_terms(x, positive, a, gamma, need_grad)
+            return focal_terms(x, t, a, gamma, needs[0])
+        return hard_terms(x, positive, a, gamma, needs[0])
 
     loss, grad = terms(z, False, alpha)  # every element as a negative: [..., C]
     pos_loss, pos_grad = terms(z_label, True, alpha_label)  # [..., 1]
@@ -139,64 +163,22 @@ def focal_int_targets(z: Tensor, labels: Tensor, alpha: Tensor | None, gamma: fl
     if grad is not None:
         assert pos_grad is not None and neg_grad_label is not None
         grad = grad.mul_(valid_f).scatter_(-1, index, torch.where(is_pos, pos_grad, neg_grad_label) * valid_f)
+    grad_alpha = None
+    if needs[1] and alpha is not None:
+        t = torch.zeros_like(z).scatter_(-1, index, is_pos.to(z.dtype))  # one-hot; background, ignored rows 0
+        if label_smoothing:
+            t = t * (1 - label_smoothing) + label_smoothing / 2
+        grad_alpha = focal_target_grads(z, t, alpha, gamma, False, True)[1] * valid_f
+    grads = (grad, grad_alpha)
     if reduction == "none":
         loss = loss.mul_(valid_f).scatter_(-1, index, torch.where(is_pos, pos_loss, neg_loss_label) * valid_f)
-        return loss, grad
+        return loss, grads, None
     correction = torch.where(is_pos, pos_loss - neg_loss_label, torch.zeros_like(pos_loss))
     total = (loss * valid_f).sum() + correction.sum()
     if reduction == "sum":
-        return total, grad
+        return total, grads, None
     count = (valid.sum() * num_classes).to(z.dtype).clamp(min=1)
-    return total / count, None if grad is None else grad / count
-
-
-# --------------------------------------------------------------------------------------
-# Autograd glue: forward runs the (eager or compiled) math, backward is one multiply.
-# --------------------------------------------------------------------------------------
-class _SavedGradFunction(torch.autograd.Function):
-    """Wraps ``fn(z, need_grad) -> (loss, dloss/dz)``; saves only dloss/dz, in the logits' dtype.
-
-    For a scalar loss, the first backward scales the saved gradient in place and hands it
-    on: no new logits-sized allocation, which on CPU costs as much as the multiply itself.
-    It records the scale it applied, so a later backward through the same graph
-    (``retain_graph``, ``gradcheck``) rescales by the ratio, out of place.
-    """
-
-    @staticmethod
-    def forward(ctx, logits: Tensor, fn: Callable[[Tensor, bool], tuple[Tensor, Tensor | None]]) -> Tensor:  # type: ignore[override]
-        need_grad = ctx.needs_input_grad[0]
-        loss, grad = fn(logits, need_grad)
-        ctx.applied_scale = None
-        # Kept as a plain attribute, not save_for_backward: backward updates it in place, and it
-        # is an intermediate (never an input or output), so no version-counter check is needed.
-        ctx.grad = grad.to(logits.dtype) if need_grad and grad is not None else None
-        return loss
-
-    @staticmethod
-    def _scale(ctx, grad_output: Tensor) -> Tensor:
-        grad = ctx.grad
-        if grad_output.numel() != 1:
-            return grad * grad_output.to(grad.dtype)
-        scale = grad_output.reshape(()).to(grad.dtype)
-        previous = ctx.applied_scale
-        if previous is None:
-            ctx.applied_scale = scale
-            return grad.mul_(scale)
-        # A second backward (retain_graph, gradcheck): out of place, so the gradient handed
-        # out the first time is not changed under the caller. A zero first scale wiped the
-        # buffer, which cannot be undone.
-        if previous.device.type == "cpu":
-            if previous.item() == 0.0:
-                raise RuntimeError("detfocal focal loss: cannot backpropagate again through a graph whose "
-                                   "first backward scaled the loss by 0")
-        else:
-            torch._assert_async(previous != 0, "detfocal focal loss: second backward after a zero scale")
-        return grad * (scale / previous)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        return _SavedGradFunction._scale(ctx, grad_output), None
+    return total / count, grads, count
 
 
 def sigmoid_focal_loss(
@@ -222,19 +204,23 @@ def sigmoid_focal_loss(
         alpha: weight of positives in [0, 1] (negatives get 1 - alpha); -1 or None for no
             weighting; a length-C sequence/tensor (per class); or a tensor of shape
             ``logits.shape[:-1]`` (per row, e.g. from :func:`alpha_from_object_counts`).
-        gamma: focusing parameter, any real >= 0.
+        gamma: focusing parameter, any finite real >= 0.
         reduction: "none" (``[..., C]``, ignored rows zero), "sum", or "mean" (over the
             non-ignored elements, i.e. non-ignored rows * C; an all-ignored input gives 0).
         ignore_index: integer label of rows to ignore (integer targets only).
         label_smoothing: eps in [0, 1]; targets become t (1 - eps) + eps / 2.
 
     Returns:
-        The loss in fp32 (fp64 for fp64 logits); its gradient flows back in the logits' dtype.
+        The loss in fp32 (fp64 for fp64 logits). Its gradient flows back in the logits'
+        dtype: for fp16/bf16 it is the fp32 gradient times the upstream gradient (the loss
+        scale included), rounded once. Float targets and alpha tensors that require grad
+        get their gradients too (soft-target distillation, learned alpha).
 
     Raises:
-        ValueError: non-floating logits, targets of neither form, labels outside [0, C]
-            other than ``ignore_index``, gamma < 0, alpha out of range or of the wrong
-            shape, or an unknown reduction.
+        ValueError: non-floating logits or C = 0, targets of neither form, float targets
+            outside [0, 1] or NaN, labels outside [0, C] other than ``ignore_index``
+            (compared as their values, also for unsigned dtypes), gamma not a finite real
+            >= 0, alpha out of range, of the wrong type or shape, or an unknown reduction.
 
     Example:
         >>> logits = torch.randn(2, 100, 80, requires_grad=True)
@@ -257,24 +243,23 @@ def sigmoid_focal_loss(
             raise ValueError(
                 f"targets with a float dtype must have the logits' shape {tuple(logits.shape)}, "
                 f"got {tuple(targets.shape)}; integer class labels take shape {tuple(logits.shape[:-1])}")
-        backend_fn = select_backend(focal_float_targets, logits)
+        checks.check_unit_interval(targets, "targets")
+        float_fn = select_backend(focal_float_targets, logits)
 
-        def fn(z: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
-            return backend_fn(z.to(dtype), targets, alpha_t, gamma, reduction, label_smoothing, need_grad)
-    elif targets.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-        checks.check_int_labels(targets, logits, ignore_index)
-        labels = targets.long()
-        backend_fn = select_backend(focal_int_targets, logits)
+        def soft_fn(z: Tensor, t: Tensor, a: Tensor | None, needs: tuple[bool, ...]) -> LossAndGrads:
+            return float_fn(z.to(dtype), t, a, gamma, reduction, label_smoothing, needs)
 
-        def fn(z: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
-            return backend_fn(z.to(dtype), labels, alpha_t, gamma, reduction, ignore_index, label_smoothing, need_grad)
-    else:
+        return saved_grad_loss(soft_fn, logits, targets, alpha_t)
+    if targets.dtype not in checks.INT_DTYPES:
         raise ValueError(f"targets must be a float tensor of shape {tuple(logits.shape)} or an integer tensor of "
                          f"shape {tuple(logits.shape[:-1])}, got dtype {targets.dtype}")
+    labels = checks.check_int_labels(targets, logits, ignore_index)
+    int_fn = select_backend(focal_int_targets, logits)
 
-    if logits.requires_grad and torch.is_grad_enabled():
-        return _SavedGradFunction.apply(logits, fn)
-    return fn(logits, False)[0]
+    def label_fn(z: Tensor, a: Tensor | None, needs: tuple[bool, ...]) -> LossAndGrads:
+        return int_fn(z.to(dtype), labels, a, gamma, reduction, ignore_index, label_smoothing, needs)
+
+    return saved_grad_loss(label_fn, logits, alpha_t)
 
 
 class SigmoidFocalLoss(nn.Module):
@@ -356,14 +341,15 @@ def softmax_focal_loss(
 ) -> Tensor:
     """Multi-class (softmax) focal loss, -alpha_t (1 - p_t)^gamma log p_t per sample.
 
-    The seed snippets applied (1 - p)^gamma to the batch-mean cross entropy, which is not
-    a focal loss: here the factor multiplies each sample's own term.
+    The factor (1 - p_t)^gamma multiplies each sample's own term, not the batch-mean cross
+    entropy (which would not be a focal loss).
 
     Args:
         logits: float ``[..., C]``.
         target: integer class indices of shape ``logits.shape[:-1]``, in [0, C) or ``ignore_index``.
-        alpha: None, or a per-class sequence/tensor of C weights (``F.cross_entropy``'s ``weight``).
-        gamma: focusing parameter >= 0; gamma = 0 is exactly cross entropy.
+        alpha: None, or a per-class sequence/tensor of C finite weights >= 0
+            (``F.cross_entropy``'s ``weight``), without gradient.
+        gamma: focusing parameter, a finite real >= 0; gamma = 0 is exactly cross entropy.
         reduction: "none" (per-sample ``[...]``), "sum", or "mean", which, like
             ``F.cross_entropy``, divides by the sum of alpha_t over the non-ignored targets.
         ignore_index: target value to ignore.
@@ -373,7 +359,8 @@ def softmax_focal_loss(
         The loss in fp32 (fp64 for fp64 logits).
 
     Raises:
-        ValueError: on bad logits, target shape or values, gamma, alpha or reduction.
+        ValueError: on bad logits, target shape or values, gamma, alpha (also one that
+            requires grad) or reduction.
 
     Example:
         >>> logits = torch.randn(8, 5, requires_grad=True)
@@ -386,39 +373,27 @@ def softmax_focal_loss(
     if not isinstance(target, Tensor) or target.is_floating_point() or target.dtype == torch.bool:
         raise ValueError(f"target must be an integer tensor of shape {tuple(logits.shape[:-1])}, "
                          f"got {getattr(target, 'dtype', type(target).__name__)}")
-    checks.check_int_labels(target, logits, ignore_index, "target", background_ok=False)
+    target = checks.check_int_labels(target, logits, ignore_index, "target", background_ok=False)
     dtype = checks.compute_dtype(logits)
     num_classes = logits.shape[-1]
     alpha_t = None
     if alpha is not None:
-        alpha_t = torch.as_tensor(alpha, dtype=dtype, device=logits.device)
+        checks.check_no_grad(alpha, "alpha", "softmax_focal_loss")
+        try:
+            alpha_t = torch.as_tensor(alpha, dtype=dtype, device=logits.device)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"alpha holds {alpha!r} ({type(alpha).__name__}), expected None or C = {num_classes} "
+                             "per-class weights") from None
         if alpha_t.shape != (num_classes,):
             raise ValueError(f"alpha must be None or a per-class sequence of length C = {num_classes}, "
                              f"got shape {tuple(alpha_t.shape)}")
-    target = target.long()
+        checks.check_values(alpha_t, ~(torch.isfinite(alpha_t) & (alpha_t >= 0)), "alpha", "finite weights >= 0")
 
-    def fn(z: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
-        loss, a_t, grad = _softmax_focal(z.to(dtype), target, alpha_t, gamma, ignore_index, label_smoothing, need_grad)
-        if reduction == "none":
-            return loss, grad
-        if reduction == "sum":
-            return loss.sum(), grad
+    def fn(z: Tensor, needs: tuple[bool, ...]) -> LossAndGrads:
+        loss, a_t, grad = _softmax_focal(z.to(dtype), target, alpha_t, gamma, ignore_index, label_smoothing, needs[0])
         # F.cross_entropy gives NaN when everything is ignored; 0 is the useful answer here.
-        denom = a_t.sum().clamp(min=torch.finfo(dtype).tiny)
-        return loss.sum() / denom, None if grad is None else grad / denom
+        divisor = a_t.sum().clamp(min=torch.finfo(dtype).tiny) if reduction == "mean" else None
+        return reduce_loss_and_grad(loss, (grad,), reduction, divisor)
 
-    if logits.requires_grad and torch.is_grad_enabled():
-        if reduction == "none":
-            # Per-row losses: the saved gradient is per row, so scale by grad_output[..., None].
-            return _RowwiseSavedGrad.apply(logits, fn)
-        return _SavedGradFunction.apply(logits, fn)
-    return fn(logits, False)[0]
-
-
-class _RowwiseSavedGrad(_SavedGradFunction):
-    """Like :class:`_SavedGradFunction` for a loss of shape ``logits.shape[:-1]``."""
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        return _SavedGradFunction._scale(ctx, grad_output.unsqueeze(-1)), None
+    # "none" gives one loss per row: its upstream gradient is broadcast over the classes.
+    return saved_grad_loss(fn, logits, rowwise=reduction == "none")

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import checks
-from .focal import _reduce, _SavedGradFunction
+from .autograd import LossAndGrads, reduce_loss_and_grad, saved_grad_loss
 
 __all__ = ["quality_focal_loss", "varifocal_loss"]
 
@@ -84,7 +84,8 @@ def quality_focal_loss(
         The loss in fp32 (fp64 for fp64 logits).
 
     Raises:
-        ValueError: bad logits, labels, scores (shape, dtype, positives outside [0, 1]), beta or reduction.
+        ValueError: bad logits, labels, scores (shape, dtype, positives outside [0, 1], or
+            requiring grad: GFL's IoU targets are detached), beta or reduction.
     """
     checks.check_logits(logits)
     checks.check_reduction(reduction)
@@ -92,36 +93,34 @@ def quality_focal_loss(
     if not isinstance(labels, Tensor) or labels.dtype not in checks.INT_DTYPES:
         raise ValueError(f"labels must be an integer tensor of shape {tuple(logits.shape[:-1])}, "
                          f"got {getattr(labels, 'dtype', type(labels).__name__)}")
-    checks.check_int_labels(labels, logits, ignore_index, "labels")
+    labels = checks.check_int_labels(labels, logits, ignore_index, "labels")
     if not isinstance(scores, Tensor) or not scores.is_floating_point() or scores.shape != labels.shape:
         raise ValueError(f"scores must be a float tensor of shape {tuple(labels.shape)}, got "
                          f"{tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__}"
                          f"{' ' + str(scores.dtype) if isinstance(scores, Tensor) else ''}")
+    checks.check_no_grad(scores, "scores", "quality_focal_loss")
     num_classes = logits.shape[-1]
-    labels = labels.long()
     valid = labels != ignore_index
-    is_pos = valid & (labels >= 0) & (labels < num_classes)
-    checks.check_unit_interval(scores[is_pos] if scores.device.type == "cpu" else torch.where(is_pos, scores, 0), "scores")
+    is_pos = checks.foreground_mask(labels, num_classes, ignore_index)
+    checks.check_unit_interval(torch.where(is_pos, scores, 0), "scores")  # read only on positive rows
     dtype = checks.compute_dtype(logits)
     index = torch.where(is_pos, labels, torch.zeros_like(labels)).unsqueeze(-1)  # [...] -> [..., 1]
     keep = is_pos.unsqueeze(-1)
     score_pos = torch.where(is_pos, scores.to(dtype), 0).unsqueeze(-1)  # [...] -> [..., 1]
     valid_rows = valid.unsqueeze(-1)  # [...] -> [..., 1]
-    count = valid.sum().to(dtype) * num_classes
+    count = (valid.sum().to(dtype) * num_classes).clamp(min=1)
 
-    def fn(z: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+    def fn(z: Tensor, needs: tuple[bool, ...]) -> LossAndGrads:
         z = z.to(dtype)
-        loss, grad = _qfl_terms(z, 0.0, beta, need_grad)
-        loss_pos, grad_pos = _qfl_terms(z.gather(-1, index), score_pos, beta, need_grad)
+        loss, grad = _qfl_terms(z, 0.0, beta, needs[0])
+        loss_pos, grad_pos = _qfl_terms(z.gather(-1, index), score_pos, beta, needs[0])
         loss = torch.where(valid_rows, loss.scatter(-1, index, torch.where(keep, loss_pos, loss.gather(-1, index))), 0)
         if grad is not None and grad_pos is not None:
             grad = grad.scatter(-1, index, torch.where(keep, grad_pos, grad.gather(-1, index)))
             grad = torch.where(valid_rows, grad, 0)
-        return _reduce(loss, grad, reduction, count)
+        return reduce_loss_and_grad(loss, (grad,), reduction, count)
 
-    if logits.requires_grad and torch.is_grad_enabled():
-        return _SavedGradFunction.apply(logits, fn)
-    return fn(logits, False)[0]
+    return saved_grad_loss(fn, logits)
 
 
 def varifocal_loss(
@@ -152,7 +151,8 @@ def varifocal_loss(
         The loss in fp32 (fp64 for fp64 logits).
 
     Raises:
-        ValueError: bad logits, targets (shape, dtype, values outside [0, 1]), alpha, gamma or reduction.
+        ValueError: bad logits, targets (shape, dtype, values outside [0, 1], or requiring
+            grad: VarifocalNet's IoU targets are detached), alpha, gamma or reduction.
     """
     checks.check_logits(logits)
     checks.check_reduction(reduction)
@@ -162,12 +162,13 @@ def varifocal_loss(
         raise ValueError(f"targets must be a float tensor of shape {tuple(logits.shape)}, got "
                          f"{tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__}"
                          f"{' ' + str(targets.dtype) if isinstance(targets, Tensor) else ''}")
+    checks.check_no_grad(targets, "targets", "varifocal_loss")
     checks.check_unit_interval(targets, "targets")
     dtype = checks.compute_dtype(logits)
     q = targets.to(dtype)
     positive = q > 0
 
-    def fn(z: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+    def fn(z: Tensor, needs: tuple[bool, ...]) -> LossAndGrads:
         z = z.to(dtype)
         p = torch.sigmoid(z)
         sp_neg = F.softplus(z)  # -log(1 - p)
@@ -176,11 +177,9 @@ def varifocal_loss(
         weight_neg = alpha * p.pow(gamma)
         loss = torch.where(positive, weight_pos * bce, weight_neg * sp_neg)
         grad = None
-        if need_grad:
+        if needs[0]:
             grad_neg = weight_neg * (gamma * torch.sigmoid(-z) * sp_neg + p)
             grad = torch.where(positive, weight_pos * (p - q), grad_neg)
-        return _reduce(loss, grad, reduction, None)
+        return reduce_loss_and_grad(loss, (grad,), reduction)
 
-    if logits.requires_grad and torch.is_grad_enabled():
-        return _SavedGradFunction.apply(logits, fn)
-    return fn(logits, False)[0]
+    return saved_grad_loss(fn, logits)

@@ -8,47 +8,56 @@ loss: the same convs, ``forward``, state_dict keys and initialisation.
 Why a ``quality`` argument: a classification head never sees the anchors nor the box
 predictions, so it cannot compute the IoU itself. The detector computes it with
 :func:`box_quality_targets` and passes it to ``compute_loss(..., quality=...)``;
-:func:`retinanet_head_loss` does exactly that for heads that declare
-``needs_box_quality = True``, and plain ``RetinaNetHead.compute_loss`` for the others.
+:func:`detfocal.modeling.retinanet.retinanet_head_loss` does exactly that for heads that
+declare ``needs_box_quality = True``, and plain ``RetinaNetHead.compute_loss`` for the others.
 
 Label convention, as in :mod:`detfocal.modeling.heads`: ``num_classes`` (= C) foreground classes,
 labels in [0, C), C is background and -1 is ignored.
 """
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection._utils import BoxCoder
-from torchvision.models.detection.retinanet import RetinaNetHead
 
-from .heads import IGNORE_LABEL, MATCHED_IDXS_EXPECTED, FocalClassificationHead, normalize_by_foreground
-from detfocal.losses import quality_focal_loss, varifocal_loss
-from detfocal.losses.checks import check_unit_interval, check_values
+from .heads import IGNORE_LABEL, FocalClassificationHead, ReduceLike, normalize_by_foreground, stack_matched_idxs
+from detfocal.losses import checks, quality_focal_loss, varifocal_loss
 from detfocal.registry import HEADS
 
-__all__ = ["QualityFocalClassificationHead", "VarifocalClassificationHead", "box_quality_targets",
-           "retinanet_head_loss"]
+__all__ = ["QualityFocalClassificationHead", "VarifocalClassificationHead", "box_area", "box_intersection",
+           "box_quality_targets"]
 
 
 # --------------------------------------------------------------------------------------
 # IoU targets.
 # --------------------------------------------------------------------------------------
+def box_area(boxes: Tensor) -> Tensor:
+    """Areas of ``[..., 4]`` boxes (x1, y1, x2, y2) -> ``[...]``."""
+    return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+
+
+def box_intersection(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """Intersection areas of boxes (x1, y1, x2, y2) broadcast against each other: ``[..., 4]`` -> ``[...]``.
+
+    Aligned pairs take two ``[K, 4]``; all pairs take ``boxes1[:, None]`` and ``boxes2[None]``.
+    """
+    top_left = torch.max(boxes1[..., :2], boxes2[..., :2])
+    bottom_right = torch.min(boxes1[..., 2:], boxes2[..., 2:])
+    size = (bottom_right - top_left).clamp(min=0)
+    return size[..., 0] * size[..., 1]
+
+
 def _aligned_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     """IoU of ``boxes1[..., i]`` with ``boxes2[..., i]`` (x1, y1, x2, y2): ``[..., 4]`` x ``[..., 4]`` -> ``[...]``.
 
     The diagonal of ``torchvision.ops.box_iou`` without its ``[K, K]`` matrix.
     """
-    top_left = torch.max(boxes1[..., :2], boxes2[..., :2])
-    bottom_right = torch.min(boxes1[..., 2:], boxes2[..., 2:])
-    size = (bottom_right - top_left).clamp(min=0)
-    intersection = size[..., 0] * size[..., 1]
-    area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])
-    area2 = (boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1])
-    union = (area1 + area2 - intersection).clamp(min=torch.finfo(boxes1.dtype).tiny)  # two empty boxes: IoU 0
+    intersection = box_intersection(boxes1, boxes2)
+    # Two empty boxes: IoU 0, not 0 / 0.
+    union = (box_area(boxes1) + box_area(boxes2) - intersection).clamp(min=torch.finfo(boxes1.dtype).tiny)
     # intersection <= union exactly, but rounding may land a hair above 1; the heads demand [0, 1].
     return (intersection / union).clamp(0.0, 1.0)
 
@@ -100,16 +109,13 @@ def box_quality_targets(
                          f"{getattr(bbox_regression, 'dtype', type(bbox_regression).__name__)} of shape "
                          f"{tuple(getattr(bbox_regression, 'shape', ()))}")
     num_images, num_anchors = bbox_regression.shape[:2]
-    for name, given in (("anchors", anchors), ("targets", targets), ("matched_idxs", matched_idxs)):
+    for name, given in (("anchors", anchors), ("targets", targets)):
         if len(given) != num_images:
             raise ValueError(f"{name} must have one entry per image ({num_images}), got {len(given)}")
-    for index, (anchors_per_image, matched) in enumerate(zip(anchors, matched_idxs)):
+    for index, anchors_per_image in enumerate(anchors):
         if tuple(anchors_per_image.shape) != (num_anchors, 4):
             raise ValueError(f"anchors[{index}] must have shape ({num_anchors}, 4), got "
                              f"{tuple(anchors_per_image.shape)}")
-        if tuple(matched.shape) != (num_anchors,) or matched.is_floating_point() or matched.dtype == torch.bool:
-            raise ValueError(f"matched_idxs[{index}] must be an integer tensor of shape ({num_anchors},), got "
-                             f"{matched.dtype} of shape {tuple(matched.shape)}")
     boxes_per_image = []
     for index, target in enumerate(targets):
         boxes = target.get("boxes")
@@ -118,14 +124,11 @@ def box_quality_targets(
                              f"{tuple(boxes.shape) if isinstance(boxes, Tensor) else type(boxes).__name__}")
         boxes_per_image.append(boxes)
 
-    dtype = torch.float64 if bbox_regression.dtype == torch.float64 else torch.float32
+    dtype = checks.compute_dtype(bbox_regression)
     device = bbox_regression.device
+    matched = stack_matched_idxs(matched_idxs, [len(boxes) for boxes in boxes_per_image], num_anchors)
+    matched = matched.to(device)  # (B, N)
     with torch.no_grad():
-        matched = torch.stack(list(matched_idxs)).to(device=device, dtype=torch.long)  # B x (N,) -> (B, N)
-        num_boxes = torch.tensor([len(boxes) for boxes in boxes_per_image], device=device)
-        bad = (matched < -2) | (matched >= num_boxes[:, None])
-        check_values(matched, bad, "matched_idxs", MATCHED_IDXS_EXPECTED)
-
         codes = bbox_regression.detach().to(dtype)
         anchors_all = torch.stack(list(anchors)).to(device=device, dtype=dtype)  # B x (N, 4) -> (B, N, 4)
         # decode_single takes [K, 4] deltas and boxes: (B, N, 4) -> (B*N, 4) -> (B, N, 4)
@@ -146,13 +149,6 @@ def box_quality_targets(
 # --------------------------------------------------------------------------------------
 # The heads.
 # --------------------------------------------------------------------------------------
-def _check_nonnegative(value: float, name: str) -> float:
-    value = float(value)
-    if not (value >= 0.0 and math.isfinite(value)):  # also rejects NaN
-        raise ValueError(f"{name} must be a finite real number >= 0, got {value}")
-    return value
-
-
 class _BoxQualityHead(FocalClassificationHead, ABC):
     """The shared part of the QFL and VFL heads: input checks and the "batch" normaliser."""
 
@@ -165,7 +161,7 @@ class _BoxQualityHead(FocalClassificationHead, ABC):
 
         Normalised as :func:`~detfocal.modeling.heads.focal_head_loss` with "batch" (GFL's and
         VarifocalNet's ``avg_factor``): the batch sum divided by max(1, positive anchors),
-        the count all-reduced under ``torch.distributed``.
+        the count all-reduced as ``self.reduce`` says.
 
         Args:
             targets: one dict per image with ``labels`` int ``[M_i]`` in [0, num_classes).
@@ -179,25 +175,26 @@ class _BoxQualityHead(FocalClassificationHead, ABC):
 
         Raises:
             ValueError: a missing ``quality`` (the detector did not pass it: use
-                :func:`retinanet_head_loss`), ``quality`` not ``[B, N]`` floats or outside
+                :func:`~detfocal.modeling.retinanet.retinanet_head_loss`), ``quality`` not ``[B, N]`` floats or outside
                 [0, 1], or the checks of ``FocalClassificationHead.compute_loss``.
         """
         cls_logits = head_outputs["cls_logits"]
         labels = self.labels_for_loss(targets, cls_logits, matched_idxs)
         if quality is None:
             raise ValueError(f"{type(self).__name__}.compute_loss needs quality=, the [B, N] IoU targets of "
-                             "box_quality_targets; the detector must pass them (detfocal.modeling.quality_heads.retinanet_head_loss "
-                             "does; torchvision's RetinaNetHead.compute_loss does not)")
+                             "box_quality_targets; the detector must pass them (detfocal.modeling.retinanet."
+                             "retinanet_head_loss does; torchvision's RetinaNetHead.compute_loss does not)")
         if not isinstance(quality, Tensor) or not quality.is_floating_point() \
                 or quality.shape != cls_logits.shape[:2]:
             raise ValueError(f"quality must be a float tensor of shape [B, N] = {tuple(cls_logits.shape[:2])}, got "
                              f"{getattr(quality, 'dtype', type(quality).__name__)} of shape "
                              f"{tuple(getattr(quality, 'shape', ()))}")
         quality = quality.detach()
-        check_unit_interval(quality, "quality")
+        checks.check_unit_interval(quality, "quality")
 
-        foreground = (labels >= 0) & (labels < self.num_classes)  # (B, N)
-        return normalize_by_foreground(self._loss_sum(cls_logits, labels, foreground, quality), foreground)
+        foreground = checks.foreground_mask(labels, self.num_classes)  # (B, N)
+        loss_sum = self._loss_sum(cls_logits, labels, foreground, quality)
+        return normalize_by_foreground(loss_sum, foreground, self.reduce)
 
     @abstractmethod
     def _loss_sum(self, cls_logits: Tensor, labels: Tensor, foreground: Tensor, quality: Tensor) -> Tensor:
@@ -220,9 +217,9 @@ class QualityFocalClassificationHead(_BoxQualityHead):
     is None).
 
     Args:
-        in_channels, num_anchors, num_classes, prior_probability, norm_layer, num_convs:
+        in_channels, num_anchors, num_classes, prior_probability, norm_layer, num_convs, reduce:
             as :class:`~detfocal.modeling.heads.FocalClassificationHead`.
-        beta: the focusing exponent, >= 0 (GFL uses 2).
+        beta: the focusing exponent, a finite real >= 0 (GFL uses 2).
 
     Raises:
         ValueError: a bad beta, or the checks of ``FocalClassificationHead``.
@@ -231,23 +228,15 @@ class QualityFocalClassificationHead(_BoxQualityHead):
         >>> from detfocal.modeling.retinanet import build_retinanet
         >>> model = build_retinanet(3, "resnet18", fpn_channels=64, min_size=128, max_size=128,
         ...                         head={"type": "qfl", "beta": 2.0})
-        >>> # training needs a detector that passes quality=, see retinanet_head_loss.
+        >>> # training needs a detector that passes quality=, see retinanet.retinanet_head_loss.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        num_anchors: int,
-        num_classes: int,
-        prior_probability: float = 0.01,
-        norm_layer: Callable[..., nn.Module] | None = None,
-        *,
-        num_convs: int = 4,
-        beta: float = 2.0,
-    ) -> None:
-        beta = _check_nonnegative(beta, "beta")
+    def __init__(self, in_channels: int, num_anchors: int, num_classes: int, prior_probability: float = 0.01,
+                 norm_layer: Callable[..., nn.Module] | None = None, *, num_convs: int = 4, beta: float = 2.0,
+                 reduce: ReduceLike = "auto") -> None:
+        beta = checks.check_gamma(beta, "beta")
         super().__init__(in_channels, num_anchors, num_classes, prior_probability, norm_layer, num_convs=num_convs,
-                         alpha=None, gamma=beta, normalization="batch")
+                         alpha=None, gamma=beta, normalization="batch", reduce=reduce)
         self.beta = beta
 
     def _loss_sum(self, cls_logits: Tensor, labels: Tensor, foreground: Tensor, quality: Tensor) -> Tensor:
@@ -270,10 +259,10 @@ class VarifocalClassificationHead(_BoxQualityHead):
     :class:`~detfocal.modeling.heads.FocalClassificationHead`.
 
     Args:
-        in_channels, num_anchors, num_classes, prior_probability, norm_layer, num_convs:
+        in_channels, num_anchors, num_classes, prior_probability, norm_layer, num_convs, reduce:
             as :class:`~detfocal.modeling.heads.FocalClassificationHead`.
-        alpha: weight >= 0 of the negatives (VarifocalNet uses 0.75).
-        gamma: focusing exponent >= 0 of the negatives (VarifocalNet uses 2).
+        alpha: weight of the negatives, a finite real >= 0 (VarifocalNet uses 0.75).
+        gamma: focusing exponent of the negatives, a finite real >= 0 (VarifocalNet uses 2).
         iou_weighted: weight positives by q (True, the paper) or by 1.
 
     Raises:
@@ -285,31 +274,20 @@ class VarifocalClassificationHead(_BoxQualityHead):
         >>> logits = head([torch.randn(2, 64, 8, 8)])  # (2, 8*8*9, 3)
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        num_anchors: int,
-        num_classes: int,
-        prior_probability: float = 0.01,
-        norm_layer: Callable[..., nn.Module] | None = None,
-        *,
-        num_convs: int = 4,
-        alpha: float = 0.75,
-        gamma: float = 2.0,
-        iou_weighted: bool = True,
-    ) -> None:
-        alpha = _check_nonnegative(alpha, "alpha")
-        gamma = _check_nonnegative(gamma, "gamma")
+    def __init__(self, in_channels: int, num_anchors: int, num_classes: int, prior_probability: float = 0.01,
+                 norm_layer: Callable[..., nn.Module] | None = None, *, num_convs: int = 4, alpha: float = 0.75,
+                 gamma: float = 2.0, iou_weighted: bool = True, reduce: ReduceLike = "auto") -> None:
+        alpha = checks.check_real(alpha, "alpha")
         if not isinstance(iou_weighted, bool):
             raise ValueError(f"iou_weighted must be a bool, got {iou_weighted!r}")
         super().__init__(in_channels, num_anchors, num_classes, prior_probability, norm_layer, num_convs=num_convs,
-                         alpha=None, gamma=gamma, normalization="batch")
+                         alpha=None, gamma=gamma, normalization="batch", reduce=reduce)
         # VFL's alpha weights the negatives and may exceed 1, unlike the focal head's alpha.
         self.alpha = alpha
         self.iou_weighted = iou_weighted
 
     def _loss_sum(self, cls_logits: Tensor, labels: Tensor, foreground: Tensor, quality: Tensor) -> Tensor:
-        dtype = torch.float64 if cls_logits.dtype == torch.float64 else torch.float32
+        dtype = checks.compute_dtype(cls_logits)
         # Dense [B, N, C] targets: q at the positive's class column, 0 everywhere else.
         index = torch.where(foreground, labels, torch.zeros_like(labels)).unsqueeze(-1)  # (B, N) -> (B, N, 1)
         q = torch.where(foreground, quality.to(dtype), 0).unsqueeze(-1)  # (B, N) -> (B, N, 1)
@@ -323,47 +301,3 @@ class VarifocalClassificationHead(_BoxQualityHead):
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, num_anchors={self.num_anchors}, alpha={self.alpha}, "
                 f"gamma={self.gamma}, iou_weighted={self.iou_weighted}")
-
-
-# --------------------------------------------------------------------------------------
-# The detector's side.
-# --------------------------------------------------------------------------------------
-def retinanet_head_loss(
-    head: RetinaNetHead,
-    targets: list[dict[str, Tensor]],
-    head_outputs: dict[str, Tensor],
-    anchors: list[Tensor],
-    matched_idxs: list[Tensor],
-    box_coder: BoxCoder,
-) -> dict[str, Tensor]:
-    """``head.compute_loss``, plus the IoU targets for a classification head that needs them.
-
-    A classification head with ``needs_box_quality = True`` gets
-    ``quality=box_quality_targets(...)``; any other head goes through torchvision's
-    ``RetinaNetHead.compute_loss`` unchanged. Call it from a detector's ``compute_loss``
-    after matching, where anchors, box deltas and matched boxes are all at hand.
-
-    Args:
-        head: torchvision's ``RetinaNetHead`` (``classification_head``, ``regression_head``),
-            or any module with its ``compute_loss``.
-        targets: one dict per image with ``boxes`` and ``labels`` (crowd boxes removed).
-        head_outputs: ``{"cls_logits": [B, N, C], "bbox_regression": [B, N, 4]}``.
-        anchors: one ``[N, 4]`` tensor per image.
-        matched_idxs: one ``[N]`` tensor per image (index, -1 background, -2 ignored).
-        box_coder: the detector's ``BoxCoder``.
-
-    Returns:
-        ``{"classification": ..., "bbox_regression": ...}``, torchvision's loss keys.
-
-    Raises:
-        ValueError: as :func:`box_quality_targets` and the heads' ``compute_loss``.
-    """
-    # getattr twice: any head with torchvision's compute_loss signature, even one without subnets, passes through.
-    classification_head = getattr(head, "classification_head", None)
-    if not getattr(classification_head, "needs_box_quality", False):
-        return head.compute_loss(targets, head_outputs, anchors, matched_idxs)
-    quality = box_quality_targets(anchors, head_outputs["bbox_regression"], targets, matched_idxs, box_coder)
-    return {
-        "classification": classification_head.compute_loss(targets, head_outputs, matched_idxs, quality=quality),
-        "bbox_regression": head.regression_head.compute_loss(targets, head_outputs, anchors, matched_idxs),
-    }

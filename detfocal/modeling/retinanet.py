@@ -16,17 +16,18 @@ import torch
 from torch import Tensor, nn
 from torchvision.models import WeightsEnum
 from torchvision.models.detection import RetinaNet
+from torchvision.models.detection._utils import BoxCoder, Matcher
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import FrozenBatchNorm2d, box_iou
 
 from .backbones import resolve_backbone_weights
-from .quality_heads import retinanet_head_loss
-from .heads import BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, FocalClassificationHead
+from .heads import FocalClassificationHead
+from .quality_heads import box_area, box_intersection, box_quality_targets
 from detfocal.registry import BACKBONES, DETECTORS, HEADS
 
 __all__ = ["FocalRetinaNet", "anchor_crowd_ioa", "build_retinanet", "convert_retinanet", "default_anchor_sizes",
-           "match_anchors", "resolve_backbone_weights", "split_crowd"]
+           "match_anchors", "resolve_backbone_weights", "retinanet_head_loss", "split_crowd"]
 
 NUM_LEVELS = 5  # P3-P7
 # Per-box fields that follow the boxes when crowd boxes are removed.
@@ -67,12 +68,8 @@ def split_crowd(target: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], Tensor
 
 def anchor_crowd_ioa(anchors: Tensor, crowd_boxes: Tensor) -> Tensor:
     """Intersection over the ANCHOR's own area, ``[N, 4]`` anchors x ``[K, 4]`` boxes -> ``[N, K]``."""
-    top_left = torch.max(anchors[:, None, :2], crowd_boxes[None, :, :2])  # (N, 1, 2), (1, K, 2) -> (N, K, 2)
-    bottom_right = torch.min(anchors[:, None, 2:], crowd_boxes[None, :, 2:])  # -> (N, K, 2)
-    size = (bottom_right - top_left).clamp(min=0)
-    intersection = size[..., 0] * size[..., 1]  # (N, K)
-    area = (anchors[:, 2] - anchors[:, 0]) * (anchors[:, 3] - anchors[:, 1])
-    area = area.clamp(min=torch.finfo(anchors.dtype).tiny)  # a zero-area anchor has IoA 0
+    intersection = box_intersection(anchors[:, None], crowd_boxes[None])  # (N, 1, 4), (1, K, 4) -> (N, K)
+    area = box_area(anchors).clamp(min=torch.finfo(anchors.dtype).tiny)  # a zero-area anchor has IoA 0
     return intersection / area[:, None]
 
 
@@ -93,13 +90,57 @@ def match_anchors(anchors: Tensor, boxes: Tensor, proposal_matcher: Callable[[Te
         ``[N]`` int64: index into ``boxes``, -1 background or -2 ignored.
     """
     if boxes.numel() == 0:
-        matched = torch.full((anchors.shape[0],), BELOW_LOW_THRESHOLD, dtype=torch.int64, device=anchors.device)
+        matched = torch.full((anchors.shape[0],), Matcher.BELOW_LOW_THRESHOLD, dtype=torch.int64,
+                             device=anchors.device)
     else:
         matched = proposal_matcher(box_iou(boxes, anchors))
     if crowd_boxes is not None and crowd_boxes.numel() > 0:
         in_crowd = anchor_crowd_ioa(anchors, crowd_boxes).amax(dim=1) >= crowd_ioa_thresh  # (N, K) -> (N,)
-        matched = torch.where((matched == BELOW_LOW_THRESHOLD) & in_crowd, BETWEEN_THRESHOLDS, matched)
+        matched = torch.where((matched == Matcher.BELOW_LOW_THRESHOLD) & in_crowd, Matcher.BETWEEN_THRESHOLDS, matched)
     return matched
+
+
+def retinanet_head_loss(
+    head: RetinaNetHead,
+    targets: list[dict[str, Tensor]],
+    head_outputs: dict[str, Tensor],
+    anchors: list[Tensor],
+    matched_idxs: list[Tensor],
+    box_coder: BoxCoder,
+) -> dict[str, Tensor]:
+    """``head.compute_loss``, plus the IoU targets for a classification head that needs them.
+
+    A classification head with ``needs_box_quality = True`` (the QFL and VFL heads of
+    :mod:`detfocal.modeling.quality_heads`) gets ``quality=box_quality_targets(...)``; any
+    other head goes through torchvision's ``RetinaNetHead.compute_loss`` unchanged. Call
+    it from a detector's ``compute_loss`` after matching, where anchors, box deltas and
+    matched boxes are all at hand.
+
+    Args:
+        head: torchvision's ``RetinaNetHead`` (``classification_head``, ``regression_head``),
+            or any module with its ``compute_loss``.
+        targets: one dict per image with ``boxes`` and ``labels`` (crowd boxes removed).
+        head_outputs: ``{"cls_logits": [B, N, C], "bbox_regression": [B, N, 4]}``.
+        anchors: one ``[N, 4]`` tensor per image.
+        matched_idxs: one ``[N]`` tensor per image (index, -1 background, -2 ignored).
+        box_coder: the detector's ``BoxCoder``.
+
+    Returns:
+        ``{"classification": ..., "bbox_regression": ...}``, torchvision's loss keys.
+
+    Raises:
+        ValueError: as :func:`~detfocal.modeling.quality_heads.box_quality_targets` and the
+            heads' ``compute_loss``.
+    """
+    # getattr twice: any head with torchvision's compute_loss signature, even one without subnets, passes through.
+    classification_head = getattr(head, "classification_head", None)
+    if not getattr(classification_head, "needs_box_quality", False):
+        return head.compute_loss(targets, head_outputs, anchors, matched_idxs)
+    quality = box_quality_targets(anchors, head_outputs["bbox_regression"], targets, matched_idxs, box_coder)
+    return {
+        "classification": classification_head.compute_loss(targets, head_outputs, matched_idxs, quality=quality),
+        "bbox_regression": head.regression_head.compute_loss(targets, head_outputs, anchors, matched_idxs),
+    }
 
 
 class FocalRetinaNet(RetinaNet):

@@ -1,0 +1,201 @@
+"""Saved-gradient autograd: losses whose gradient is computed in the forward pass.
+
+NVIDIA apex's pattern. The forward pass computes the loss and its analytic gradient
+together and keeps only the gradient; backward is one multiply by the upstream gradient.
+At most one logits-sized tensor stays alive between forward and backward.
+
+A loss plugs in as ``fn(*inputs, needs) -> (loss, grads, divisor)``:
+
+- ``inputs``: the logits first, then any other tensor (or None) the loss may
+  differentiate, such as soft targets or an alpha tensor;
+- ``needs``: one bool per input, whether its gradient is wanted;
+- ``grads``: one tensor (or None) per input, d(loss before any "mean" division)/d input,
+  either of the input's shape or broadcast to the loss's shape (it is summed back);
+- ``divisor``: None, or the scalar a "mean" loss was divided by. Backward divides the
+  upstream gradient by it instead of dividing the saved gradient in forward: one
+  logits-sized pass less, and no division in low precision.
+
+Precision of fp16/bf16 inputs: the gradient is computed and kept in fp32. Backward
+multiplies it by the upstream gradient (GradScaler's loss scale, a normaliser, the mean's
+divisor) in fp32 and rounds the product once to the input's dtype. Storing the gradient
+in fp16 before that multiply flushes small gradients to 0 before GradScaler can lift
+them, and the scale 65536 itself is inf in fp16. The cost is 2 bytes per element more
+between forward and backward (fp16 [2, 200000, 80]: 122 MiB instead of 61 MiB); backward
+writes the product in 1M-element chunks, so it adds only the fp16 result. Being computed
+in fp32, a bf16 gradient is exact to fp32's precision, which only matters for magnitudes
+below fp32's normal range (1e-38), where fp32 itself loses bits. fp32 and fp64 inputs
+keep their gradient in their own dtype and, for a scalar loss, scale it in place: no
+second logits-sized allocation.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = ["LossAndGrads", "LossFn", "RowwiseSavedGradFunction", "SavedGradFunction", "reduce_loss_and_grad", "saved_grad_loss"]
+
+LossAndGrads = tuple[Tensor, tuple[Tensor | None, ...], Tensor | None]
+LossFn = Callable[..., LossAndGrads]
+
+
+def reduce_loss_and_grad(loss: Tensor, grads: tuple[Tensor | None, ...], reduction: str,
+                         divisor: Tensor | None = None) -> LossAndGrads:
+    """Reduce an elementwise loss; the gradients stay as they are (see the module docstring).
+
+    Args:
+        loss: the elementwise loss.
+        grads: the elementwise gradients, one per input of the loss function.
+        reduction: "none", "sum" or "mean".
+        divisor: "mean" only: what to divide by (already clamped by the caller);
+            default ``max(loss.numel(), 1)``.
+
+    Returns:
+        ``(loss, grads, divisor)``: divisor is None unless ``reduction == "mean"``.
+    """
+    if reduction == "none":
+        return loss, grads, None
+    total = loss.sum()
+    if reduction == "sum":
+        return total, grads, None
+    if divisor is None:
+        divisor = torch.tensor(max(loss.numel(), 1), dtype=loss.dtype, device=loss.device)
+    return total / divisor, grads, divisor
+
+
+def saved_grad_loss(fn: LossFn, *inputs: Tensor | None, rowwise: bool = False) -> Tensor:
+    """``fn``'s loss, through :class:`SavedGradFunction` when an input needs a gradient.
+
+    Args:
+        fn: the loss function, ``fn(*inputs, needs) -> (loss, grads, divisor)``.
+        *inputs: the logits, then the other tensors ``fn`` may differentiate (or None).
+        rowwise: the loss has shape ``logits.shape[:-1]`` (one value per row) and its
+            upstream gradient is broadcast over the last dimension.
+
+    Returns:
+        The loss.
+    """
+    grad_enabled = torch.is_grad_enabled()
+    needs = tuple(grad_enabled and isinstance(x, Tensor) and x.requires_grad for x in inputs)
+    if any(needs):
+        function = RowwiseSavedGradFunction if rowwise else SavedGradFunction
+        return function.apply(fn, *inputs)
+    return fn(*inputs, needs=needs)[0]
+
+
+class SavedGradFunction(torch.autograd.Function):
+    """Runs ``fn`` in forward, keeps only its gradients, and scales them in backward.
+
+    For a scalar loss and fp32/fp64 logits, the first backward scales the saved gradient
+    in place and hands it on: no new logits-sized allocation, which on CPU costs as much
+    as the multiply itself. It records the scale it applied, so a later backward through
+    the same graph (``retain_graph``, ``gradcheck``) rescales by the ratio, out of place.
+    fp16/bf16 logits get a new tensor each time: the fp32 product, rounded once.
+    """
+
+    @staticmethod
+    def forward(ctx, fn: LossFn, *inputs: Tensor | None) -> Tensor:  # type: ignore[override]
+        needs = tuple(ctx.needs_input_grad[1:])
+        loss, grads, divisor = fn(*inputs, needs=needs)
+        saved: list[Tensor | None] = []
+        for x, need, grad in zip(inputs, needs, grads):
+            if need and grad is None:
+                raise RuntimeError("detfocal: a saved-gradient loss returned no gradient for an input that needs one")
+            if need and loss.dim() == 0 and grad.shape != x.shape:
+                grad = grad.sum_to_size(x.shape)  # a broadcast input (alpha): reduce now, the upstream is a scalar
+            saved.append(grad if need else None)
+        # Plain attributes, not save_for_backward: backward updates the logits' gradient in
+        # place, and these are intermediates (never inputs or outputs), so no version check is needed.
+        ctx.grads = saved
+        ctx.divisor = divisor
+        ctx.input_meta = [(x.dtype, x.shape) if isinstance(x, Tensor) else None for x in inputs]
+        ctx.applied_scale = None
+        return loss
+
+    @staticmethod
+    def upstream(grad_output: Tensor) -> Tensor:
+        """The upstream gradient, broadcastable to the saved gradients."""
+        return grad_output
+
+    @classmethod
+    def input_grads(cls, ctx, grad_output: Tensor) -> list[Tensor | None]:
+        upstream = cls.upstream(grad_output)
+        if ctx.divisor is not None:
+            upstream = upstream / ctx.divisor
+        result: list[Tensor | None] = []
+        for index, (grad, meta) in enumerate(zip(ctx.grads, ctx.input_meta)):
+            if grad is None:
+                result.append(None)
+            elif index == 0:
+                result.append(_scale_logits_grad(ctx, grad, upstream, meta[0]))
+            else:
+                dtype, shape = meta
+                result.append((grad * upstream.to(grad.dtype)).sum_to_size(shape).to(dtype))
+        return result
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        return (None, *SavedGradFunction.input_grads(ctx, grad_output))
+
+
+class RowwiseSavedGradFunction(SavedGradFunction):
+    """:class:`SavedGradFunction` for a loss of shape ``logits.shape[:-1]`` (one value per row)."""
+
+    @staticmethod
+    def upstream(grad_output: Tensor) -> Tensor:
+        return grad_output.unsqueeze(-1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        return (None, *RowwiseSavedGradFunction.input_grads(ctx, grad_output))
+
+
+def _scale_logits_grad(ctx, grad: Tensor, upstream: Tensor, dtype: torch.dtype) -> Tensor:
+    """The saved logits gradient times the upstream gradient, in the logits' dtype."""
+    upstream = upstream.to(grad.dtype)
+    if grad.dtype != dtype:
+        # fp16/bf16 logits: multiply in fp32, round once when the product is stored.
+        out = torch.empty(grad.shape, dtype=dtype, device=grad.device)
+        _mul_in_chunks(grad, upstream.expand_as(grad) if upstream.dim() else upstream, out)
+        return out
+    if upstream.numel() != 1:
+        return grad * upstream
+    scale = upstream.reshape(())
+    previous = ctx.applied_scale
+    if previous is None:
+        ctx.applied_scale = scale
+        return grad.mul_(scale)
+    # A second backward (retain_graph, gradcheck): out of place, so the gradient handed out
+    # the first time is not changed under the caller. A zero first scale wiped the buffer,
+    # which cannot be undone.
+    if previous.device.type == "cpu":
+        if previous.item() == 0.0:
+            raise RuntimeError("detfocal focal loss: cannot backpropagate again through a graph whose "
+                               "first backward scaled the loss by 0")
+    else:
+        torch._assert_async(previous != 0, "detfocal focal loss: second backward after a zero scale")
+    return grad * (scale / previous)
+
+
+# A product into an output of another dtype goes through a temporary of the inputs' dtype;
+# chunks of this many elements keep that temporary at 4 MiB instead of a logits-sized fp32 copy.
+CHUNK_NUMEL = 1 << 20
+
+
+def _mul_in_chunks(grad: Tensor, upstream: Tensor, out: Tensor) -> None:
+    """``out[...] = grad * upstream`` (upstream a scalar or ``grad``'s shape), a slab of dim 0 at a time."""
+    if grad.numel() <= CHUNK_NUMEL or grad.dim() == 0:
+        torch.mul(grad, upstream, out=out)
+        return
+    row = grad[0].numel()
+    step = max(CHUNK_NUMEL // max(row, 1), 1)
+    for start in range(0, grad.shape[0], step):
+        rows = slice(start, start + step)
+        part = upstream if upstream.dim() == 0 else upstream[rows]
+        if row > CHUNK_NUMEL and step == 1:
+            _mul_in_chunks(grad[start], part[0] if part.dim() else part, out[start])
+        else:
+            torch.mul(grad[rows], part, out=out[rows])
