@@ -235,6 +235,9 @@ class ModelConfig(_Section):
     type: str = "retinanet"                 # a DETECTORS entry
     backbone: str = "resnet50"              # a BACKBONES entry: resnet18/34/50/101, mobilenet_v3_large
     weights_backbone: str | None = None     # e.g. ResNet50_Weights.IMAGENET1K_V1; None: from scratch
+    # A whole detector to start from (fine-tuning): a torchvision RetinaNet state dict, a detfocal
+    # checkpoint or best.pth; a classification layer of another class count is re-initialised.
+    weights: str | None = None
     trainable_backbone_layers: NonNegativeInt | None = None
     num_classes: PositiveInt | None = None  # foreground classes; None: from the training annotations
     min_size: PositiveInt = 800
@@ -318,6 +321,12 @@ class ScheduleConfig(_Section):
     min_lr_factor: UnitFloat = 0.0     # cosine: the final lr is lr * min_lr_factor
 
 
+class EmaConfig(_Section):
+    """An exponential moving average of the weights, used for evaluation and best.pth."""
+    decay: Annotated[float, Field(gt=0, lt=1)] = 0.9998
+    warmup_iters: NonNegativeInt = 2000    # the decay ramps as decay * (1 - exp(-updates / warmup_iters))
+
+
 class TrainConfig(_Section):
     epochs: PositiveInt = 12
     batch_size: PositiveInt = 2        # per process: the global batch is batch_size * world size
@@ -334,6 +343,9 @@ class TrainConfig(_Section):
     deterministic: bool = False
     log_interval: PositiveInt = 20     # iterations between metrics.jsonl lines
     max_iters: PositiveInt | None = None   # stop after this many iterations in all (tiny test runs)
+    ema: EmaConfig | None = None       # null: no weight averaging
+    patience: PositiveInt | None = None    # stop after this many evaluations without a better val AP
+    tensorboard: bool = True           # write TensorBoard events to OUT/tensorboard (rank 0)
 
 
 class EvalConfig(_Section):
@@ -341,6 +353,7 @@ class EvalConfig(_Section):
     score_thresh: UnitFloat = 0.05
     detections_per_img: PositiveInt = 100
     batch_size: PositiveInt = 4        # per process
+    backend: Literal["auto", "pycocotools", "faster_coco_eval"] = "auto"   # auto: faster-coco-eval if installed
 
 
 class Config(_Section):
@@ -577,8 +590,10 @@ def transform_kwargs(cfg: Config) -> dict[str, Any]:
 
 
 def model_kwargs(cfg: Config, num_classes: int) -> dict[str, Any]:
-    """Keyword arguments of the ``model.type`` builder (``build_retinanet``): every ``model`` key but ``type``."""
-    model = {key: value for key, value in config_to_dict(cfg)["model"].items() if key not in ("type", "num_classes")}
+    """Keyword arguments of the ``model.type`` builder (``build_retinanet``): every ``model`` key but
+    ``type`` and ``weights`` (loaded by the training loop after the build)."""
+    model = {key: value for key, value in config_to_dict(cfg)["model"].items()
+             if key not in ("type", "num_classes", "weights")}
     return {"num_classes": num_classes, **model, "score_thresh": cfg.eval.score_thresh,
             "detections_per_img": cfg.eval.detections_per_img}
 

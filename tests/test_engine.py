@@ -19,7 +19,7 @@ from detfocal.engine import precision
 from detfocal.engine import train as train_module
 from detfocal.engine.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from detfocal.engine.logging import read_metrics
-from detfocal.engine.optim import build_lr_schedule, build_optimizer, lr_factor, set_lr
+from detfocal.engine.optim import build_ema, build_lr_schedule, build_optimizer, lr_factor, set_lr
 from detfocal.engine.precision import resolve_amp
 from detfocal.engine.train import prepare_output_dir, train_step
 
@@ -233,6 +233,17 @@ def test_stale_checkpoint_temporaries_are_removed_at_start(tmp_path):
     (tmp_path / ".hidden").write_text("not ours")
     removed = prepare_output_dir(tmp_path, resuming=True, overwrite=False)
     assert [p.name for p in removed] == [".last.pth.abc123.tmp"] and (tmp_path / ".hidden").exists()
+
+
+def test_unwritable_output_dir_is_a_one_line_error_before_any_work(tmp_path, monkeypatch):
+    import tempfile
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)  # root ignores chmod, so simulate it
+    with pytest.raises(ValueError, match=r"--output-dir .* cannot be written: Permission denied"):
+        prepare_output_dir(tmp_path / "run", resuming=False, overwrite=False)
 
 
 def test_output_dir_that_is_a_file_is_a_one_line_error(tmp_path):
@@ -459,3 +470,100 @@ def test_logs_are_plain_lines_outside_a_terminal(tmp_path, tiny, capsys, one_thr
     captured = capsys.readouterr()
     assert "\r" not in captured.err and "\r" not in captured.out
     assert "epoch 0 step 1/2: loss" in captured.out and "epoch 0 step 2/2: loss" in captured.out
+
+
+# ---------------------------------------------------------------------------------------------
+# weight EMA, early stopping, TensorBoard, fine-tuning
+
+
+def test_ema_follows_the_ramped_decay_formula_and_copies_integer_buffers():
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    ema = build_ema(model, decay=0.9, warmup_iters=2)
+    expected = model[0].weight.detach().clone().double()
+    for update in range(1, 4):
+        with torch.no_grad():
+            model[0].weight.add_(1.0)
+        model[1].num_batches_tracked.add_(1)
+        ema.update_parameters(model)
+        if update > 1:  # the first call copies; later calls average with the ramped decay
+            decay = 0.9 * (1 - math.exp(-(update - 1) / 2))
+            expected = decay * expected + (1 - decay) * model[0].weight.detach().double()
+        else:
+            expected = model[0].weight.detach().clone().double()
+        assert torch.allclose(ema.module[0].weight.double(), expected, atol=1e-6)
+    assert ema.module[1].num_batches_tracked.item() == 3
+
+
+@pytest.mark.slow
+def test_ema_weights_are_evaluated_saved_and_resumed_exactly(tmp_path, tiny, one_thread):
+    common = tiny + ["train.epochs=2", "train.deterministic=true", "eval.interval=5",
+                     "train.ema={decay: 0.9, warmup_iters: 2}", "train.schedule={type: step, steps: [3]}"]
+    assert cli_main(["train", DEMO, "--output-dir", str(tmp_path / "straight"), "--set", *common]) == 0
+    assert cli_main(["train", DEMO, "--output-dir", str(tmp_path / "resumed"), "--set", *common,
+                     "train.max_iters=2"]) == 0
+    assert cli_main(["train", DEMO, "--output-dir", str(tmp_path / "resumed"), "--resume", "--set", *common]) == 0
+    straight, resumed = (load_checkpoint(tmp_path / name / "last.pth") for name in ("straight", "resumed"))
+    assert straight["ema_updates"] == resumed["ema_updates"] == 4
+    for key, value in straight["ema"].items():
+        assert torch.equal(value, resumed["ema"][key]), key
+    assert any(not torch.equal(value, straight["model"][key]) for key, value in straight["ema"].items())
+    model, _ = detfocal.load_model(tmp_path / "straight" / "last.pth")  # inference takes the EMA weights
+    assert all(torch.equal(value, straight["ema"][key]) for key, value in model.state_dict().items())
+
+
+@pytest.mark.slow
+def test_patience_stops_a_run_that_no_longer_improves(tmp_path, tiny, capsys, one_thread):
+    # A learning rate so small that the weights (and so the AP) cannot change between evaluations.
+    summary = detfocal.train(DEMO, tmp_path / "run", overrides=[*tiny, "train.epochs=6", "train.lr=1e-12",
+                                                                 "train.patience=2"])
+    assert summary["stopped"] == "early stopping: no better val AP in 2 evaluations"
+    assert summary["iterations"] == 3 * 2  # best at the first evaluation, then two without a better one
+    assert "done (early stopping" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_tensorboard_events_hold_losses_stats_curves_and_images(tmp_path, tiny, one_thread):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    detfocal.train(DEMO, tmp_path / "run", overrides=[*tiny, "train.max_iters=2"])
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"images": 0}).Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/classification", "train/bbox_regression", "train/lr", "train/images_per_s",
+            "train/grad_norm"} <= scalars
+    assert {f"val/{name}" for name in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs",
+                                       "ARm", "ARl")} <= scalars
+    assert [event.step for event in events.Scalars("train/loss")] == [1, 2]
+    images = events.Tags()["images"]
+    assert "val/pr_curves" in images and sum(tag.startswith("val/image_") for tag in images) == 4
+
+
+def test_fine_tuning_loads_a_torchvision_retinanet_and_reinitialises_the_classifier(tmp_path):
+    import torchvision
+
+    from detfocal.engine.checkpoint import load_detector_weights
+    from detfocal.modeling import build_retinanet
+
+    torch.manual_seed(0)
+    coco_model = torchvision.models.detection.retinanet_resnet50_fpn(weights=None, weights_backbone=None,
+                                                                     num_classes=91)
+    torch.save(coco_model.state_dict(), tmp_path / "retinanet_coco.pth")
+    model = build_retinanet(num_classes=3, backbone="resnet50", min_size=64, max_size=64)
+    fresh_bias = model.head.classification_head.cls_logits.bias.detach().clone()
+    note = load_detector_weights(model, tmp_path / "retinanet_coco.pth")
+    assert note.startswith("model.weights: loaded") and "\n" not in note
+    assert "re-initialised (other shape, e.g. another class count): head.classification_head.cls_logits" in note
+    own, coco = model.state_dict(), coco_model.state_dict()
+    loaded = [key for key in own if key in coco and own[key].shape == coco[key].shape]
+    assert all(torch.equal(own[key], coco[key]) for key in loaded) and len(loaded) > 100
+    assert torch.equal(model.head.classification_head.cls_logits.bias, fresh_bias)  # prior-probability bias
+    assert fresh_bias[0].item() == pytest.approx(-math.log(99))
+
+
+@pytest.mark.slow
+def test_model_weights_fine_tunes_from_an_earlier_run_with_other_classes(tmp_path, tiny, capsys, one_thread):
+    assert cli_main(["train", DEMO, "--output-dir", str(tmp_path / "five"), "--set", *tiny, "train.max_iters=1"]) == 0
+    capsys.readouterr()
+    assert cli_main(["train", DEMO, "--output-dir", str(tmp_path / "two"), "--set", *tiny, "train.max_iters=1",
+                     f"model.weights={tmp_path / 'five' / 'best.pth'}", "data.subset.categories=[circle,star]"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("model.weights:"))
+    assert "re-initialised" in line and "cls_logits" in line and "not in the file" not in line

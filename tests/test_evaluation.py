@@ -1,17 +1,22 @@
-"""detfocal.evaluation.coco against pycocotools and cocoapi's published numbers."""
+"""detfocal.evaluation.coco against pycocotools and cocoapi's published numbers, for both backends."""
 from __future__ import annotations
 
+import csv
+import importlib.util
 import json
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from detfocal.evaluation import coco as evaluation
-from detfocal.evaluation.coco import STAT_NAMES, CocoEvaluator, evaluate_results
-from detfocal.evaluation.plots import write_plots
+from detfocal.evaluation.coco import (PER_CLASS_COLUMNS, STAT_NAMES, CocoEvaluator, evaluate_results, resolve_backend,
+                                      write_per_class_csv)
+from detfocal.evaluation.plots import figure_pr_curves, write_plots
 
 DATA = Path(__file__).resolve().parent / "data"
 GT = DATA / "instances_val2014_100.json"
@@ -19,6 +24,10 @@ FAKE = DATA / "instances_val2014_fakebbox100_results.json"
 # cocoapi's published bbox numbers for its fake results on these 100 images.
 COCOAPI = {"AP": 0.50458, "AP50": 0.69697, "AP75": 0.57298, "APs": 0.58563, "APm": 0.51940, "APl": 0.50140,
            "AR1": 0.38681, "AR10": 0.59368, "AR100": 0.59535, "ARs": 0.63981, "ARm": 0.56642, "ARl": 0.56429}
+HAS_FASTER = importlib.util.find_spec("faster_coco_eval") is not None
+BACKENDS = ["pycocotools", pytest.param("faster_coco_eval", marks=pytest.mark.skipif(
+    not HAS_FASTER, reason="faster-coco-eval is not installed"))]
+needs_faster = pytest.mark.skipif(not HAS_FASTER, reason="faster-coco-eval is not installed")
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +36,25 @@ def coco_gt():
     coco.dataset = json.loads(GT.read_text())
     coco.createIndex()
     return coco
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def fake_evaluators(coco_gt):
+    """{backend: CocoEvaluator summarized on cocoapi's fake results, fed as contiguous labels}."""
+    label_to_category_id = sorted(coco_gt.getCatIds())  # 80 ids with gaps, 1..90
+    label_of = {category_id: label for label, category_id in enumerate(label_to_category_id)}
+    predictions = _predictions_from(json.loads(FAKE.read_text()), label_of)
+    evaluators = {}
+    for backend in ("pycocotools", "faster_coco_eval") if HAS_FASTER else ("pycocotools",):
+        evaluators[backend] = CocoEvaluator(coco_gt, label_to_category_id, backend=backend)
+        evaluators[backend].update(predictions)
+        evaluators[backend].summarize()
+    return evaluators
 
 
 @pytest.fixture
@@ -63,33 +91,155 @@ def _predictions_from(detections, label_of):
             for image_id, p in predictions.items()}
 
 
-def test_evaluate_results_reproduces_cocoapi_numbers():
-    summary = evaluate_results(GT, FAKE)
+def _random_gt_and_predictions(seed: int = 0, num_images: int = 12):
+    """A shapes-like ground truth (5 classes with ids that have gaps, 128 px images, every area
+    range, one crowd box) and seeded model-like predictions: jittered true boxes, wrong labels,
+    false positives, scores rounded to 0.1 so that many tie, and one image over the 100 cap."""
+    rng = np.random.default_rng(seed)
+    category_ids = [2, 5, 9, 11, 20]
+    names = ["circle", "square", "triangle", "star", "ring"]
+    gt = {"images": [], "annotations": [],
+          "categories": [{"id": i, "name": name} for i, name in zip(category_ids, names)]}
+    predictions = {}
+    for image_id in range(1, num_images + 1):
+        gt["images"].append({"id": image_id, "file_name": f"{image_id}.png", "width": 128, "height": 128})
+        boxes, scores, labels = [], [], []
+        for _ in range(rng.integers(1, 6)):
+            w, h = rng.uniform(6, 110, size=2)
+            x, y = rng.uniform(0, 128 - w), rng.uniform(0, 128 - h)
+            label = int(rng.integers(5))
+            gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": image_id, "bbox": [x, y, w, h],
+                                      "category_id": category_ids[label], "area": w * h,
+                                      "iscrowd": int(image_id == 3 and not boxes)})
+            if rng.random() < 0.85:
+                jitter = rng.normal(0, 0.1, size=4) * [w, h, w, h]
+                boxes.append([x + jitter[0], y + jitter[1], x + w + jitter[2], y + h + jitter[3]])
+                scores.append(round(float(rng.uniform(0.1, 1.0)), 1))
+                labels.append(label if rng.random() < 0.8 else int(rng.integers(5)))
+        for _ in range(150 if image_id == 5 else rng.integers(0, 6)):
+            x, y = rng.uniform(0, 100, size=2)
+            boxes.append([x, y, x + rng.uniform(4, 28), y + rng.uniform(4, 28)])
+            scores.append(round(float(rng.uniform(0.0, 0.6)), 1))
+            labels.append(int(rng.integers(5)))
+        predictions[image_id] = {"boxes": torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4),
+                                 "scores": torch.tensor(scores, dtype=torch.float64),
+                                 "labels": torch.tensor(labels, dtype=torch.int64)}
+    return gt, category_ids, predictions
+
+
+def _assert_same_evaluation(first: CocoEvaluator, second: CocoEvaluator) -> None:
+    """Same 12 stats, per-class AP, precision and recall arrays, to 1e-9."""
+    a, b = first.summary or first.summarize(), second.summary or second.summarize()
+    assert [a[name] for name in STAT_NAMES] == pytest.approx([b[name] for name in STAT_NAMES], abs=1e-9, rel=0)
+    assert list(a["per_class"]) == list(b["per_class"])
+    assert list(a["per_class"].values()) == pytest.approx(list(b["per_class"].values()), abs=1e-9, rel=0)
+    for key in ("precision", "recall"):
+        np.testing.assert_allclose(first.coco_eval.eval[key], second.coco_eval.eval[key], rtol=0, atol=1e-9)
+
+
+def test_evaluate_results_reproduces_cocoapi_numbers(backend):
+    summary = evaluate_results(GT, FAKE, backend=backend)
     assert {name: summary[name] for name in STAT_NAMES} == pytest.approx(COCOAPI, abs=1e-4)
 
 
-def test_update_with_contiguous_labels_reproduces_cocoapi_numbers(coco_gt):
-    label_to_category_id = sorted(coco_gt.getCatIds())  # 80 ids with gaps, 1..90
-    evaluator = CocoEvaluator(coco_gt, label_to_category_id)
-    label_of = {category_id: label for label, category_id in enumerate(label_to_category_id)}
-    evaluator.update(_predictions_from(json.loads(FAKE.read_text()), label_of))
-    summary = evaluator.summarize()
+def test_update_with_contiguous_labels_reproduces_cocoapi_numbers(fake_evaluators, backend):
+    summary = fake_evaluators[backend].summary
+    assert fake_evaluators[backend].backend == backend
     assert {name: summary[name] for name in STAT_NAMES} == pytest.approx(COCOAPI, abs=1e-4)
 
 
-def test_perfect_predictions_give_ap_one(coco_gt):
+@needs_faster
+def test_backends_agree_to_1e9_on_the_real_sample(fake_evaluators):
+    _assert_same_evaluation(fake_evaluators["pycocotools"], fake_evaluators["faster_coco_eval"])
+
+
+@needs_faster
+@pytest.mark.parametrize("seed", [0, 1])
+def test_backends_agree_to_1e9_on_seeded_model_like_detections(seed):
+    gt, category_ids, predictions = _random_gt_and_predictions(seed)
+    evaluators = [CocoEvaluator(gt, category_ids, backend=backend) for backend in ("pycocotools", "faster_coco_eval")]
+    for evaluator in evaluators:
+        evaluator.update(predictions)
+    _assert_same_evaluation(*evaluators)
+    assert 0.05 < evaluators[0].summary["AP"] < 0.95  # neither trivial nor perfect
+
+
+@needs_faster
+def test_auto_backend_is_faster_coco_eval_when_installed(tiny_gt):
+    assert CocoEvaluator(tiny_gt, [3, 7, 90]).backend == "faster_coco_eval"
+
+
+def test_auto_backend_falls_back_to_pycocotools_with_a_warning(tiny_gt, monkeypatch):
+    monkeypatch.setitem(sys.modules, "faster_coco_eval", None)  # import raises ImportError
+    with pytest.warns(UserWarning, match="pycocotools"):
+        evaluator = CocoEvaluator(tiny_gt, [3, 7, 90])
+    assert evaluator.backend == "pycocotools"
+    assert evaluator.summarize()["AP"] == 0.0
+
+
+def test_requested_faster_coco_eval_missing_says_how_to_install(tiny_gt, monkeypatch):
+    monkeypatch.setitem(sys.modules, "faster_coco_eval", None)
+    with pytest.raises(ValueError, match="eval.backend.*pip install faster-coco-eval"):
+        CocoEvaluator(tiny_gt, [3, 7, 90], backend="faster_coco_eval")
+
+
+def test_unknown_backend_raises_naming_the_key_value_and_choices(tiny_gt):
+    with pytest.raises(ValueError, match=r"eval\.backend.*'cocoapi'.*auto, pycocotools, faster_coco_eval"):
+        CocoEvaluator(tiny_gt, [3, 7, 90], backend="cocoapi")
+    with pytest.raises(ValueError, match=r"eval\.backend.*'cocoapi'"):
+        evaluate_results(tiny_gt, [], backend="cocoapi")
+    assert resolve_backend("pycocotools") == "pycocotools"
+
+
+def test_per_class_csv_matches_pycocotools_precision_array_and_gt_counts(fake_evaluators, backend, tmp_path):
+    path = write_per_class_csv(fake_evaluators[backend], tmp_path / "per_class.csv")
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        rows = list(reader)
+    assert tuple(reader.fieldnames) == PER_CLASS_COLUMNS
+    gt = json.loads(GT.read_text())
+    detections = json.loads(FAKE.read_text())
+    reference = COCOeval(COCO(str(GT)), COCO(str(GT)).loadRes(str(FAKE)), "bbox")
+    reference.evaluate()
+    reference.accumulate()
+    precision = reference.eval["precision"][:, :, :, 0, -1]  # (T, R, K) at area all, 100 detections
+    assert [row["class"] for row in rows] == [c["name"] for c in sorted(gt["categories"], key=lambda c: c["id"])]
+    assert len(rows) == 80 and reference.params.catIds == sorted(c["id"] for c in gt["categories"])
+    for k, (row, category_id) in enumerate(zip(rows, reference.params.catIds)):
+        num_gt = sum(1 for a in gt["annotations"] if a["category_id"] == category_id and not a["iscrowd"])
+        assert int(row["num_gt"]) == num_gt
+        assert int(row["num_detections"]) == sum(1 for d in detections if d["category_id"] == category_id)
+        for name, values in (("AP", precision[:, :, k]), ("AP50", precision[0, :, k]), ("AP75", precision[5, :, k])):
+            if (values > -1).any():
+                assert float(row[name]) == pytest.approx(values[values > -1].mean(), abs=5.01e-5)
+            else:
+                assert row[name] == "" and num_gt == 0
+
+
+def test_per_class_csv_counts_only_the_evaluated_images_and_no_crowd(tiny_gt, tmp_path):
+    tiny_gt["annotations"].append({"id": 5, "image_id": 1, "category_id": 7, "bbox": [0, 0, 9, 9], "area": 81,
+                                   "iscrowd": 1})
+    evaluator = CocoEvaluator(tiny_gt, [3, 7, 90], img_ids=[1])
+    evaluator.update({1: {"boxes": torch.tensor([[2.0, 2, 22, 22]]), "scores": torch.tensor([0.9]), "labels": torch.tensor([0])},
+                      2: {"boxes": torch.tensor([[10.0, 10, 60, 60]]), "scores": torch.tensor([0.9]), "labels": torch.tensor([1])}})
+    rows = list(csv.DictReader(write_per_class_csv(evaluator, tmp_path / "per_class.csv").open(encoding="utf-8")))
+    assert [(r["class"], r["AP"], r["num_gt"], r["num_detections"]) for r in rows] == [
+        ("car", "1.0000", "1", "1"), ("train", "", "0", "0"), ("toothbrush", "0.0000", "1", "0")]
+
+
+def test_perfect_predictions_give_ap_one(coco_gt, backend):
     label_to_category_id = sorted(coco_gt.getCatIds())
     label_of = {category_id: label for label, category_id in enumerate(label_to_category_id)}
     truth = [{**ann, "score": 1.0} for ann in coco_gt.dataset["annotations"] if not ann["iscrowd"]]
-    evaluator = CocoEvaluator(GT, label_to_category_id)
+    evaluator = CocoEvaluator(GT, label_to_category_id, backend=backend)
     evaluator.update(_predictions_from(truth, label_of))
     summary = evaluator.summarize()
     assert summary["AP"] == pytest.approx(1.0) and summary["AP50"] == pytest.approx(1.0)
     assert summary["AR100"] == pytest.approx(1.0)
 
 
-def test_no_predictions_give_zero_without_error(tiny_gt):
-    summary = CocoEvaluator(tiny_gt, [3, 7, 90]).summarize()
+def test_no_predictions_give_zero_without_error(tiny_gt, backend):
+    summary = CocoEvaluator(tiny_gt, [3, 7, 90], backend=backend).summarize()
     assert all(summary[name] == 0.0 for name in STAT_NAMES)
     assert summary["per_class"] == {"car": 0.0, "train": 0.0, "toothbrush": 0.0}
 
@@ -112,25 +262,25 @@ def test_per_class_ap_equals_pycocotools_restricted_to_that_class(coco_gt):
         assert summary["per_class"][coco_gt.cats[category_id]["name"]] == pytest.approx(coco_eval.stats[0], abs=1e-12)
 
 
-def test_img_ids_restricts_the_evaluated_images(tiny_gt):
+def test_img_ids_restricts_the_evaluated_images(tiny_gt, backend):
     perfect_image_1 = {1: {"boxes": torch.tensor([[2.0, 2, 22, 22], [0, 0, 110, 100]]), "scores": torch.tensor([0.9, 0.8]),
                            "labels": torch.tensor([0, 2])}}
-    everything = CocoEvaluator(tiny_gt, [3, 7, 90])
+    everything = CocoEvaluator(tiny_gt, [3, 7, 90], backend=backend)
     everything.update(perfect_image_1)
-    restricted = CocoEvaluator(tiny_gt, [3, 7, 90], img_ids=[1])
+    restricted = CocoEvaluator(tiny_gt, [3, 7, 90], img_ids=[1], backend=backend)
     restricted.update(perfect_image_1)
     # AR averages over classes: car and toothbrush are found, train (only in image 2) is missed.
     assert everything.summarize()["AR100"] == pytest.approx(2 / 3)
     assert restricted.summarize()["AP"] == pytest.approx(1.0)
 
 
-def test_write_results_writes_a_results_file_that_evaluates_the_same(tiny_gt, tmp_path):
-    evaluator = CocoEvaluator(tiny_gt, [3, 7, 90])
+def test_write_results_writes_a_results_file_that_evaluates_the_same(tiny_gt, tmp_path, backend):
+    evaluator = CocoEvaluator(tiny_gt, [3, 7, 90], backend=backend)
     evaluator.update({2: {"boxes": torch.tensor([[10.0, 10, 60, 60], [0, 0, 30, 30]]), "scores": torch.tensor([0.9, 0.4]),
                           "labels": torch.tensor([1, 1])}})
     path = evaluator.write_results(tmp_path / "out" / "results.json")
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["results.json"]  # no temp file left
-    assert evaluate_results(tiny_gt, path) == evaluator.summarize()
+    assert evaluate_results(tiny_gt, path, backend=backend) == evaluator.summarize()
 
 
 def test_synchronize_gathers_all_ranks_and_counts_padded_repeats_once(tiny_gt, monkeypatch):
@@ -152,20 +302,47 @@ def test_synchronize_gathers_all_ranks_and_counts_padded_repeats_once(tiny_gt, m
     assert [(r["image_id"], r["category_id"]) for r in evaluator.results()] == [(1, 3), (2, 7)]
 
 
-def test_summarize_prints_the_table_only_when_verbose(tiny_gt, capsys):
-    evaluator = CocoEvaluator(tiny_gt, [3, 7, 90])
+def test_summarize_prints_the_table_only_when_verbose(tiny_gt, capsys, backend):
+    evaluator = CocoEvaluator(tiny_gt, [3, 7, 90], backend=backend)
     evaluator.summarize()
     assert capsys.readouterr().out == ""
     evaluator.summarize(verbose=True)
     assert "Average Precision" in capsys.readouterr().out
 
 
-def test_write_plots_writes_two_pngs(tiny_gt, tmp_path):
-    evaluator = CocoEvaluator(tiny_gt, [3, 7, 90])
+def test_write_plots_writes_two_pngs_and_the_per_class_csv(tiny_gt, tmp_path, backend):
+    evaluator = CocoEvaluator(tiny_gt, [3, 7, 90], backend=backend)
     evaluator.update({1: {"boxes": torch.tensor([[2.0, 2, 22, 22]]), "scores": torch.tensor([0.9]), "labels": torch.tensor([0])}})
     paths = write_plots(evaluator, tmp_path / "plots")
-    assert [p.name for p in paths] == ["per_class_ap.png", "pr_curves.png"]
-    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
+    assert [p.name for p in paths] == ["per_class_ap.png", "pr_curves.png", "per_class.csv"]
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == sorted(p.name for p in paths)  # no temporaries
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths[:2])
+    assert paths[2].read_text().splitlines()[0] == ",".join(PER_CLASS_COLUMNS)
+
+
+def _legend(figure):
+    (legend,) = figure.legends
+    return legend.get_title().get_text(), [text.get_text() for text in legend.get_texts()]
+
+
+def test_pr_curves_label_every_class_up_to_20_with_its_ap50_and_ap75():
+    gt, category_ids, predictions = _random_gt_and_predictions()
+    evaluator = CocoEvaluator(gt, category_ids)
+    evaluator.update(predictions)
+    rows = evaluation.per_class_table(evaluator)
+    _, labels = _legend(figure_pr_curves(evaluator))
+    best_first = sorted((row for row in rows if row["AP"] >= 0), key=lambda row: -row["AP"])
+    assert labels == [f"{row['class']}: {row['AP50']:.3f} / {row['AP75']:.3f}" for row in best_first]
+    assert len(labels) == 5
+
+
+def test_pr_curves_of_80_classes_label_only_the_best_and_worst_five(fake_evaluators):
+    evaluator = next(iter(fake_evaluators.values()))
+    title, labels = _legend(figure_pr_curves(evaluator))
+    per_class = evaluator.summary["per_class"]
+    ranked = sorted((name for name, ap in per_class.items() if ap >= 0), key=lambda name: -per_class[name])
+    assert "best and worst 5" in title and len(labels) == 10
+    assert [label.split(":")[0] for label in labels] == ranked[:5] + ranked[-5:]
 
 
 @pytest.mark.parametrize(

@@ -93,6 +93,15 @@ def test_vfl_head_equals_float64_formula_on_a_tiny_input(iou_weighted: bool) -> 
 
 
 @pytest.mark.parametrize("head_type", ["qfl", "vfl"])
+def test_reduce_none_equals_auto_in_one_process(head_type: str) -> None:
+    logits, targets, matched_idxs, quality = make_batch()
+    losses = [make_head(head_type, reduce=reduce).compute_loss(targets, {"cls_logits": logits}, matched_idxs,
+                                                               quality=quality) for reduce in ("none", "auto")]
+    assert make_head(head_type, reduce="none").reduce == "none"
+    torch.testing.assert_close(losses[0], losses[1])
+
+
+@pytest.mark.parametrize("head_type", ["qfl", "vfl"])
 def test_negative_only_batch_gives_finite_loss_and_grads(head_type: str) -> None:
     logits, targets, matched_idxs, _ = make_batch()
     matched_idxs = [torch.full_like(matched, -1) for matched in matched_idxs]
@@ -264,7 +273,8 @@ def test_torchvision_head_compute_loss_without_quality_raises_value_error(head_t
     ("iou_weighted", lambda: VarifocalClassificationHead(8, 1, 3, iou_weighted="yes")),
     ("normalization", lambda: build_retinanet(3, "resnet18", fpn_channels=32,
                                               head={"type": "qfl", "normalization": "image"})),
-], ids=["beta", "alpha", "gamma", "iou_weighted", "normalization"])
+    ("reduce", lambda: QualityFocalClassificationHead(8, 1, 3, reduce="all")),
+], ids=["beta", "alpha", "gamma", "iou_weighted", "normalization", "reduce"])
 def test_bad_head_arguments_raise_value_error(name: str, build) -> None:
     with pytest.raises(ValueError, match=name):
         build()

@@ -146,3 +146,44 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, Any], *, source: str
     if problems:
         raise ValueError(f"checkpoint {source} does not fit the model; " + "; ".join(problems))
     model.load_state_dict(state_dict)
+
+
+def load_detector_weights(model: nn.Module, path: str | Path) -> str:
+    """Start from a whole trained detector (fine-tuning): load what fits, say what does not.
+
+    ``path`` holds a torchvision RetinaNet state dict (e.g. ``retinanet_resnet50_fpn``'s), a
+    detfocal checkpoint or best.pth (its EMA weights when it has them). Tensors whose shape
+    differs (the classification layer when the class count differs) keep the model's fresh
+    initialisation, the prior-probability bias included.
+
+    Returns:
+        One line for the log: what was loaded, re-initialised and left out.
+
+    Raises:
+        FileNotFoundError, ValueError: the file is missing or not a state dict, or nothing fits.
+    """
+    state = load_checkpoint(path)
+    if isinstance(state.get("model"), Mapping):
+        state = state.get("ema") or state["model"]
+    own = model.state_dict()
+    fits = {key: value for key, value in state.items()
+            if key in own and torch.is_tensor(value) and value.shape == own[key].shape}
+    reinitialised = sorted(key for key in state if key in own and key not in fits)
+    # FrozenBatchNorm2d (torchvision's pretrained backbones) has no num_batches_tracked: not a loss.
+    missing = sorted(key for key in own if key not in state and not key.endswith("num_batches_tracked"))
+    unexpected = sorted(key for key in state if key not in own)
+    if not fits:
+        raise ValueError(f"model.weights: no tensor of {path} fits the model (it holds {sorted(state)[:4]} ...)")
+    model.load_state_dict(fits, strict=False)
+
+    def listed(keys: list[str]) -> str:
+        return ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+
+    line = f"model.weights: loaded {len(fits)} of {len(own)} tensors from {path}"
+    if reinitialised:
+        line += f"; re-initialised (other shape, e.g. another class count): {listed(reinitialised)}"
+    if missing:
+        line += f"; not in the file: {listed(missing)}"
+    if unexpected:
+        line += f"; in the file but not the model: {listed(unexpected)}"
+    return line

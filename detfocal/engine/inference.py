@@ -9,11 +9,49 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-__all__ = ["evaluate", "evaluate_checkpoint", "load_model", "predict_images"]
+__all__ = ["draw_detections", "evaluate", "evaluate_checkpoint", "load_model", "predict_images"]
 
 # Tableau's 10 colours: one per class (cycled), so a class keeps its colour across images.
 PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac"]
 MAX_DRAW_SIZE = 4096  # px: --min-draw-size above this would only allocate huge images
+
+
+def draw_detections(image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, names: Sequence[str], *,
+                    scores: torch.Tensor | None = None, gt_boxes: torch.Tensor | None = None,
+                    min_draw_size: int = 0) -> torch.Tensor:
+    """Draw boxes with class names (and scores) on an image; ground truth, if given, in white.
+
+    Args:
+        image: float ``[3, H, W]`` in [0, 1].
+        boxes, labels: ``[K, 4]`` (x1, y1, x2, y2) and ``[K]`` detections.
+        names: class name per label.
+        scores: ``[K]``, shown next to the names.
+        gt_boxes: ``[G, 4]`` ground-truth boxes.
+        min_draw_size: enlarge a smaller image by a whole factor until its longer side reaches
+            this many pixels (the label font is a fixed ~11 px, which would cover a 128 px image);
+            pixel repetition keeps the pixels crisp and the boxes exact.
+
+    Returns:
+        uint8 ``[3, H', W']``.
+    """
+    from torchvision.utils import draw_bounding_boxes
+
+    from detfocal.data import to_uint8
+
+    drawn = to_uint8(image)
+    factor = max(1, -(-min_draw_size // max(drawn.shape[1:])))  # ceil division
+    if factor > 1:
+        drawn = drawn.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)
+    if gt_boxes is not None and len(gt_boxes):
+        drawn = draw_bounding_boxes(drawn, gt_boxes.float() * factor, colors="white", width=1)
+    if len(boxes):
+        label_list = labels.tolist()
+        texts = [names[label] if label < len(names) else str(label) for label in label_list]
+        if scores is not None:
+            texts = [f"{text} {score:.2f}" for text, score in zip(texts, scores.tolist())]
+        drawn = draw_bounding_boxes(drawn, boxes.float() * factor, labels=texts, width=2,
+                                    colors=[PALETTE[label % len(PALETTE)] for label in label_list])
+    return drawn
 
 
 @torch.no_grad()
@@ -88,7 +126,7 @@ def load_model(checkpoint: str | Path | Mapping[str, Any], config: str | Path | 
     check_compatible(state, cfg, int(state.get("num_classes", -1)), source=source, resuming=False)
     kwargs = model_kwargs(cfg, int(state["num_classes"])) | {"weights_backbone": None} | model_kwargs_override
     model = DETECTORS.get(cfg.model.type)(**kwargs)  # weights come from the checkpoint: no download
-    load_weights(model, state["model"], source=source)
+    load_weights(model, state.get("ema") or state["model"], source=source)  # the EMA weights when trained with one
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     info = {"config": cfg, "num_classes": int(state["num_classes"]),
             "label_to_category_id": list(state["label_to_category_id"]),
@@ -162,9 +200,8 @@ def predict_images(checkpoint: str | Path, images: Sequence[str | Path], out_dir
         FileNotFoundError: an image or the checkpoint does not exist.
     """
     from PIL import Image
-    from torchvision.utils import draw_bounding_boxes
 
-    from detfocal.data import load_image, to_uint8
+    from detfocal.data import load_image
     from detfocal.io import ensure_writable_dir
 
     if not 0.0 <= score_thresh <= 1.0:
@@ -188,16 +225,7 @@ def predict_images(checkpoint: str | Path, images: Sequence[str | Path], out_dir
         keep = detections["scores"] >= score_thresh
         boxes, scores, labels = (detections[key][keep].cpu() for key in ("boxes", "scores", "labels"))
         label_names = [names[label] if label < len(names) else str(label) for label in labels.tolist()]
-        texts = [f"{name} {score:.2f}" for name, score in zip(label_names, scores.tolist())]
-        colors = [PALETTE[label % len(PALETTE)] for label in labels.tolist()]
-        drawn = to_uint8(image)
-        # The label font is a fixed ~11 px: on a 128 px image it would cover the objects. Whole
-        # factors with pixel repetition keep the image's pixels crisp and the boxes exact.
-        factor = max(1, -(-min_draw_size // max(drawn.shape[1:])))  # ceil division
-        if factor > 1:
-            drawn = drawn.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)
-        if len(boxes):
-            drawn = draw_bounding_boxes(drawn, boxes * factor, labels=texts, colors=colors, width=2)
+        drawn = draw_detections(image, boxes, labels, names, scores=scores, min_draw_size=min_draw_size)
         stem, index = path.stem, 1
         while stem in used:  # same-named inputs from different folders must not overwrite each other
             stem, index = f"{path.stem}_{index}", index + 1

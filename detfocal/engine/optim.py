@@ -7,6 +7,7 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 
 def build_optimizer(model: nn.Module, *, name: str, lr: float, momentum: float = 0.9,
@@ -88,3 +89,28 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set every parameter group's learning rate to ``lr``."""
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def build_ema(model: nn.Module, *, decay: float, warmup_iters: int) -> AveragedModel:
+    """An exponential moving average of ``model``'s weights and buffers (timm's and ultralytics' EMA).
+
+    Built on ``torch.optim.swa_utils.AveragedModel``; its ``module`` is the averaged model. The decay ramps up as
+    ``decay * (1 - exp(-updates / warmup_iters))``, so the early, fast-changing weights are not
+    averaged in for thousands of steps; integer buffers (BatchNorm's step count) are copied.
+    Call ``ema.update_parameters(model)`` after every optimizer step.
+
+    Args:
+        model: the model being trained (not DDP-wrapped).
+        decay: the final decay, in (0, 1).
+        warmup_iters: the ramp's time constant in updates; 0 uses ``decay`` from the start.
+    """
+
+    def average(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        if not averaged[0].is_floating_point():
+            torch._foreach_copy_(averaged, current)
+            return
+        updates = float(num_averaged)
+        ramp = 1.0 - math.exp(-updates / warmup_iters) if warmup_iters else 1.0
+        torch._foreach_lerp_(averaged, current, 1.0 - decay * ramp)
+
+    return AveragedModel(model, multi_avg_fn=average, use_buffers=True)

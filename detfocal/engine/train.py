@@ -33,12 +33,12 @@ from tqdm import tqdm
 from detfocal.config import (config_from_dict, config_to_dict, config_to_yaml, data_paths, dataset_kwargs, load_config,
                              model_kwargs, optimizer_kwargs, scheduler_kwargs, transform_kwargs)
 from detfocal.data import CocoDetection, build_transforms, collate_fn
-from detfocal.engine.checkpoint import (capture_rng_state, check_compatible, load_checkpoint, restore_rng_state,
-                                        save_checkpoint)
+from detfocal.engine.checkpoint import (capture_rng_state, check_compatible, load_checkpoint, load_detector_weights,
+                                        restore_rng_state, save_checkpoint)
 from detfocal.engine.distributed import all_reduce_sum, cleanup, init_distributed, is_dist_initialized
-from detfocal.engine.inference import evaluate
-from detfocal.engine.logging import append_metrics, format_summary, read_metrics
-from detfocal.engine.optim import build_lr_schedule, build_optimizer, set_lr
+from detfocal.engine.inference import draw_detections, evaluate
+from detfocal.engine.logging import append_metrics, format_summary, log_scalars, open_tensorboard, read_metrics
+from detfocal.engine.optim import build_ema, build_lr_schedule, build_optimizer, set_lr
 from detfocal.engine.precision import resolve_amp
 from detfocal.evaluation.coco import STAT_NAMES, CocoEvaluator
 from detfocal.io import atomic_write, ensure_writable_dir, remove_stale_temporaries, write_json_atomic
@@ -48,7 +48,8 @@ __all__ = ["RUN_FILES", "prepare_output_dir", "train", "train_step"]
 
 # What a run writes into its folder; --overwrite removes exactly these, nothing else.
 RUN_FILES = ("metrics.jsonl", "metrics.json", "config.yaml", "last.pth", "best.pth", "interrupted.pth", "results.json",
-             "loss.png", "ap.png", "pr_curves.png", "per_class_ap.png")
+             "loss.png", "ap.png", "pr_curves.png", "per_class_ap.png", "per_class.csv")
+NUM_TENSORBOARD_IMAGES = 4  # val images drawn with their detections at each evaluation
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,6 +91,8 @@ def prepare_output_dir(out_dir: Path, *, resuming: bool, overwrite: bool) -> lis
                              f"--output-dir for a new folder, or --overwrite to replace it")
         for path in existing:
             path.unlink()
+        for events in (out_dir / "tensorboard").glob("events.out.tfevents.*"):
+            events.unlink()
     ensure_writable_dir(out_dir, "--output-dir")
     return remove_stale_temporaries(out_dir)
 
@@ -339,8 +342,14 @@ def _train(cfg: Any, out_dir: Path, resume: str | Path | bool | None, overwrite:
     optimizer = build_optimizer(model_without_ddp, **optimizer_kwargs(cfg))
     lr_schedule = build_lr_schedule(**scheduler_kwargs(cfg), total_iters=total_iters)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype is torch.float16 else None
+    if cfg.model.weights is not None and checkpoint is None:  # fine-tuning: before the EMA copies the model
+        weights_note = load_detector_weights(model_without_ddp, cfg.model.weights)
+        if is_main:
+            print(weights_note)
+    ema = None if cfg.train.ema is None else build_ema(model_without_ddp, decay=cfg.train.ema.decay,
+                                                      warmup_iters=cfg.train.ema.warmup_iters)
 
-    iteration, best_ap, skipped_steps = 0, -1.0, 0
+    iteration, best_ap, skipped_steps, evaluations_since_best = 0, -1.0, 0, 0
     if checkpoint is not None:
         model_without_ddp.load_state_dict(checkpoint["model"])
         previous = checkpoint.get("config", {}).get("train", {}).get("optimizer", cfg.train.optimizer)
@@ -350,8 +359,12 @@ def _train(cfg: Any, out_dir: Path, resume: str | Path | bool | None, overwrite:
         optimizer.load_state_dict(checkpoint["optimizer"])
         if scaler is not None and checkpoint.get("scaler"):
             scaler.load_state_dict(checkpoint["scaler"])
+        if ema is not None and checkpoint.get("ema") is not None:
+            ema.module.load_state_dict(checkpoint["ema"])
+            ema.n_averaged.fill_(int(checkpoint["ema_updates"]))
         iteration = int(checkpoint.get("iteration", checkpoint.get("global_step", 0)))
         best_ap, skipped_steps = checkpoint["best_ap"], int(checkpoint.get("skipped_steps", 0))
+        evaluations_since_best = int(checkpoint.get("evaluations_since_best", 0))
         if is_main:  # only rank 0's streams are saved; the other ranks keep their fresh seeds
             restore_rng_state(checkpoint["rng"])
             before, now = _flatten(checkpoint.get("config", {})), _flatten(config_to_dict(cfg))
@@ -375,7 +388,10 @@ def _train(cfg: Any, out_dir: Path, resume: str | Path | bool | None, overwrite:
         return {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if scaler else None, "iteration": iteration,
                 "epoch": iteration // iters_per_epoch, "rng": capture_rng_state(), "best_ap": best_ap,
-                "skipped_steps": skipped_steps, "config": config_to_dict(cfg), "num_classes": num_classes,
+                "skipped_steps": skipped_steps, "evaluations_since_best": evaluations_since_best,
+                "ema": None if ema is None else ema.module.state_dict(),
+                "ema_updates": 0 if ema is None else int(ema.n_averaged), "config": config_to_dict(cfg),
+                "num_classes": num_classes,
                 "label_to_category_id": list(train_set.label_to_category_id),
                 "category_names": list(train_set.category_names)}
 
@@ -383,6 +399,8 @@ def _train(cfg: Any, out_dir: Path, resume: str | Path | bool | None, overwrite:
     write_metrics: Callable[[dict[str, Any]], None] = (
         (lambda record: append_metrics(out_dir / "metrics.jsonl", record)) if is_main else (lambda record: None))
     interactive = is_main and sys.stderr.isatty()  # a bar in a terminal, plain lines in logs
+    writer = open_tensorboard(out_dir, cfg.train.tensorboard) if is_main else None
+    eval_model = model_without_ddp if ema is None else ema.module  # evaluation and best.pth use the EMA
     log_interval = cfg.train.log_interval
     summary: dict[str, Any] = {}
     evaluator = None
@@ -415,6 +433,8 @@ def _train(cfg: Any, out_dir: Path, resume: str | Path | bool | None, overwrite:
                 steps += 1
                 images_seen += len(images) * world_size
                 skipped_steps += int(logged["skipped"])
+                if ema is not None and not logged["skipped"]:
+                    ema.update_parameters(model_without_ddp)
                 for name in ("classification", "bbox_regression", "loss"):
                     sums[name] += logged.get(name, 0.0)
                 progress.update()
@@ -424,6 +444,8 @@ def _train(cfg: Any, out_dir: Path, resume: str | Path | bool | None, overwrite:
                               **{k: v for k, v in logged.items() if k not in ("stop", "skipped")},
                               "skipped_steps": skipped_steps, "images_per_s": images_per_s}
                     write_metrics(record)
+                    log_scalars(writer, "train", {k: v for k, v in record.items() if k not in ("epoch", "step")},
+                                iteration)
                     progress.set_postfix({"loss": f"{logged['loss']:.3f}", "lr": f"{lr:.2e}",
                                           "img/s": f"{images_per_s:.1f}"}, refresh=False)
                     if is_main and not interactive:
@@ -449,19 +471,22 @@ def _train(cfg: Any, out_dir: Path, resume: str | Path | bool | None, overwrite:
                       **{name: total / max(steps, 1) for name, total in sums.items()}}
             if (epoch + 1) % cfg.eval.interval == 0 or finished:
                 # fp32 inference, as torchvision's references: 16-bit box regression loses whole pixels.
-                evaluator = CocoEvaluator(val_set.coco, val_set.label_to_category_id)
-                summary = evaluate(model_without_ddp, val_loader, evaluator, device, is_main=is_main,
-                                   progress=interactive)
+                evaluator = CocoEvaluator(val_set.coco, val_set.label_to_category_id, backend=cfg.eval.backend)
+                summary = evaluate(eval_model, val_loader, evaluator, device, is_main=is_main, progress=interactive)
                 model.train()
                 record.update({name: summary[name] for name in STAT_NAMES if name in summary})
+                if is_main and writer is not None:
+                    _log_evaluation(writer, eval_model, val_set, evaluator, summary, iteration, device)
             if is_main:
                 write_metrics(record)
                 line = f"epoch {epoch}: loss {record.get('loss', float('nan')):.4f}, {record['images_per_s']:.1f} img/s"
                 if "AP" in record:
                     line += f", val AP {record['AP']:.4f} AP50 {record['AP50']:.4f}"
                     if record["AP"] > best_ap:
-                        best_ap = record["AP"]
+                        best_ap, evaluations_since_best = record["AP"], 0
                         save_checkpoint(out_dir / "best.pth", state())
+                    else:
+                        evaluations_since_best += 1
                 if skipped_steps:
                     line += f", {skipped_steps} steps skipped by the fp16 GradScaler so far"
                 print(line, flush=True)
@@ -471,6 +496,12 @@ def _train(cfg: Any, out_dir: Path, resume: str | Path | bool | None, overwrite:
                 if is_main:
                     print(f"interrupted: stopped at the end of epoch {epoch}; resume with --resume", file=sys.stderr)
                 raise KeyboardInterrupt
+            if "AP" in record and world_size > 1:  # rank 0 decides early stopping; every rank follows
+                verdict = torch.tensor(float(evaluations_since_best), device=device)
+                evaluations_since_best = int(all_reduce_sum(verdict).item())
+            if cfg.train.patience is not None and evaluations_since_best >= cfg.train.patience:
+                stopped = f"early stopping: no better val AP in {cfg.train.patience} evaluations"
+                break
 
     # ---- plots and summary
     bad_images = sorted(set(getattr(train_set, "bad_images", [])) | set(getattr(val_set, "bad_images", [])))
@@ -484,6 +515,8 @@ def _train(cfg: Any, out_dir: Path, resume: str | Path | bool | None, overwrite:
         if evaluator is not None:
             written += write_plots(evaluator, out_dir)
             written.append(evaluator.write_results(out_dir / "results.json"))
+        if writer is not None:
+            writer.close()
         print(f"\ndone ({stopped}): {iteration} iterations, {result['minutes']:.1f} min; best val AP {best_ap:.4f}")
         if bad_images:
             print(f"skipped {len(bad_images)} undecodable image(s) (data.skip_bad_images), e.g. {bad_images[0]}")
@@ -493,3 +526,24 @@ def _train(cfg: Any, out_dir: Path, resume: str | Path | bool | None, overwrite:
             result |= summary
         print("wrote: " + ", ".join(str(path) for path in [out_dir / "last.pth", *written]))
     return result
+
+
+@torch.no_grad()
+def _log_evaluation(writer: Any, model: nn.Module, val_set: Any, evaluator: Any, summary: Mapping[str, Any],
+                    iteration: int, device: torch.device) -> None:
+    """TensorBoard at an evaluation: the 12 COCO stats, the PR curves and a few drawn val images."""
+    from detfocal.evaluation.plots import pr_curves_figure
+
+    log_scalars(writer, "val", {name: summary[name] for name in STAT_NAMES if name in summary}, iteration)
+    writer.add_figure("val/pr_curves", pr_curves_figure(evaluator), iteration)
+    was_training = model.training
+    model.eval()
+    for index in range(min(NUM_TENSORBOARD_IMAGES, len(val_set))):
+        image, target = val_set[index]
+        detections = model([image.to(device)])[0]
+        keep = detections["scores"] >= 0.3
+        drawn = draw_detections(image, detections["boxes"][keep].cpu(), detections["labels"][keep].cpu(),
+                                val_set.category_names, scores=detections["scores"][keep].cpu(),
+                                gt_boxes=target["boxes"], min_draw_size=256)
+        writer.add_image(f"val/image_{target['image_id']}", drawn, iteration)
+    model.train(was_training)

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from detfocal.engine.logging import read_metrics
-from detfocal.evaluation.coco import CocoEvaluator
+from detfocal.evaluation.coco import CocoEvaluator, per_class_table, write_per_class_csv
+from detfocal.io import atomic_write
 from detfocal.losses import sigmoid_focal_loss, sigmoid_focal_loss_star
 
 if TYPE_CHECKING:
@@ -25,6 +26,10 @@ if TYPE_CHECKING:
 FIGURE1_GAMMAS = (0.0, 0.5, 1.0, 2.0, 5.0)
 # FL* settings of the paper's appendix (33.8 and 33.9 AP), as (gamma, beta).
 FL_STAR_SETTINGS = ((2.0, 1.0), (4.0, 0.0))
+# pr_curves.png gives every class a colour and a legend entry up to this many classes;
+# beyond, only the best and worst few, so the legend stays readable (COCO has 80).
+MAX_LABELLED_CLASSES = 20
+NUM_EXTREME_CLASSES = 5
 # logit(1) is inf, where the loss would be 0 * inf; sigmoid(40) rounds to 1 in fp64.
 _MAX_LOGIT = 40.0
 
@@ -244,8 +249,6 @@ def plot_per_class_ap(summary_or_evaluator: Mapping[str, Any] | CocoEvaluator, p
     if "per_class" not in summary:
         raise ValueError(f"summary_or_evaluator: expected a summary with 'per_class', got keys {sorted(summary)}")
     items = [(name, ap) for name, ap in summary["per_class"].items() if ap >= 0]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     figure = new_figure(figsize=(6, 1.5 + 0.25 * len(items)), layout="constrained")
     axes = figure.add_subplot()
     axes.barh([name for name, _ in items], [ap for _, ap in items], color="tab:blue")
@@ -253,56 +256,104 @@ def plot_per_class_ap(summary_or_evaluator: Mapping[str, Any] | CocoEvaluator, p
     axes.set_xlim(0, 1)
     axes.set_xlabel("AP (IoU 0.50:0.95)")
     axes.set_title(f"Per-class AP, mean {summary.get('AP', float('nan')):.3f}")
-    figure.savefig(path, format="png")
-    return path
+    return atomic_write(path, lambda handle: figure.savefig(handle, format="png"))
 
 
-def plot_pr_curves(evaluator: CocoEvaluator, path: str | Path) -> Path:
-    """Write precision-recall curves at IoU 0.5 and 0.75 (area all, 100 detections) as a PNG.
+def figure_pr_curves(evaluator: CocoEvaluator) -> "Figure":
+    """Precision-recall curves at IoU 0.5 and 0.75 (area all, 100 detections), one colour per class.
 
-    Each panel shows every class as a thin line and their mean, over classes with ground
-    truth, as a thick line. The evaluator is summarized now if it has not been.
+    Up to :data:`MAX_LABELLED_CLASSES` classes each get a colour and a legend entry (name,
+    AP50 / AP75), best AP first; with more, only the :data:`NUM_EXTREME_CLASSES` best and worst
+    by AP do, and the rest are thin grey lines. A thick red line in each panel is the mean
+    over classes with ground truth. The evaluator is summarized now if it has not been.
 
     Args:
         evaluator: the evaluator whose ``coco_eval.eval["precision"]`` is plotted.
-        path: output PNG path.
 
     Returns:
-        The path written.
+        The figure.
     """
-
-    if evaluator.coco_eval is None:
-        evaluator.summarize()
+    rows = per_class_table(evaluator)  # summarizes if needed
     coco_eval = evaluator.coco_eval
     precision = coco_eval.eval["precision"]  # (T, R, K, A, M)
     recall = coco_eval.params.recThrs
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with_gt = [k for k, row in enumerate(rows) if row["AP"] >= 0]  # classes without ground truth are all -1
+    by_ap = sorted(with_gt, key=lambda k: -rows[k]["AP"])
+    if len(with_gt) <= MAX_LABELLED_CLASSES:
+        labelled, title = by_ap, "class: AP50 / AP75"
+    else:
+        labelled = by_ap[:NUM_EXTREME_CLASSES] + by_ap[-NUM_EXTREME_CLASSES:]
+        title = (f"best and worst {NUM_EXTREME_CLASSES} of {len(with_gt)} classes by AP: AP50 / AP75 "
+                 f"(others grey)")
+    palette = _class_colours(len(labelled))
+    colour_of = {k: palette[i] for i, k in enumerate(sorted(labelled))}  # by category, stable between runs
     figure = new_figure(figsize=(10, 4.5), layout="constrained")
     panels = figure.subplots(1, 2, sharey=True)
     for axes, iou in zip(panels, (0.5, 0.75)):
         t = int(np.argmin(np.abs(coco_eval.params.iouThrs - iou)))
         curves = precision[t, :, :, 0, -1].T  # (R, K) -> (K, R)
-        curves = curves[(curves > -1).all(axis=1)]  # classes without ground truth are all -1
-        for curve in curves:
-            axes.plot(recall, curve, color="tab:gray", linewidth=0.5, alpha=0.6)
-        if len(curves):
-            mean = curves.mean(axis=0)
-            axes.plot(recall, mean, color="tab:red", linewidth=2, label=f"mean, AP{int(iou * 100)} = {mean.mean():.3f}")
-            axes.legend(loc="lower left")
+        for k in with_gt:
+            if k not in colour_of:
+                axes.plot(recall, curves[k], color="tab:gray", linewidth=0.5, alpha=0.5)
+        for k in labelled:  # drawn in legend order, best on top of the grey ones
+            axes.plot(recall, curves[k], color=colour_of[k], linewidth=1.2,
+                      label=f"{rows[k]['class']}: {rows[k]['AP50']:.3f} / {rows[k]['AP75']:.3f}")
+        if with_gt:
+            mean = curves[with_gt].mean(axis=0)
+            mean_line = axes.plot(recall, mean, color="tab:red", linewidth=2.5,
+                                  label=f"mean, AP{int(iou * 100)} = {mean.mean():.3f}")
+            axes.legend(handles=mean_line, loc="lower left")
         axes.set_title(f"IoU {iou}")
         axes.set_xlabel("recall")
         axes.set_xlim(0, 1)
         axes.set_ylim(0, 1.01)
     panels[0].set_ylabel("precision")
-    figure.savefig(path, format="png")
-    return path
+    if labelled:
+        handles, labels = panels[0].get_legend_handles_labels()
+        handles, labels = handles[:len(labelled)], labels[:len(labelled)]  # the classes, not the mean
+        figure.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labelled)), title=title,
+                      fontsize="small", title_fontsize="small", frameon=False)
+    return figure
+
+
+def _class_colours(count: int) -> list[Any]:
+    """``count`` distinct colours: tab10 up to 10, tab20 up to 20, else evenly spaced in turbo."""
+    from matplotlib import colormaps
+
+    if count <= 10:
+        return [colormaps["tab10"](i) for i in range(count)]
+    if count <= 20:
+        return [colormaps["tab20"](i) for i in range(count)]
+    return [colormaps["turbo"](x) for x in np.linspace(0.05, 0.95, count)]
+
+
+def plot_pr_curves(evaluator: CocoEvaluator, path: str | Path) -> Path:
+    """Write :func:`figure_pr_curves` as a PNG (atomically); return the path."""
+    figure = figure_pr_curves(evaluator)
+    return atomic_write(path, lambda handle: figure.savefig(handle, format="png"))
+
+
+def write_reports(evaluator: CocoEvaluator, out_dir: str | Path) -> list[Path]:
+    """Write ``per_class_ap.png``, ``pr_curves.png`` and ``per_class.csv`` into ``out_dir``.
+
+    Args:
+        evaluator: a CocoEvaluator, summarized now if it has not been.
+        out_dir: the output folder, created if missing.
+
+    Returns:
+        The three paths, in that order.
+
+    Example:
+        >>> write_reports(evaluator, "runs/demo")  # after evaluator.summarize()
+    """
+    out_dir = Path(out_dir)
+    return [plot_per_class_ap(evaluator, out_dir / "per_class_ap.png"), plot_pr_curves(evaluator, out_dir / "pr_curves.png"),
+            write_per_class_csv(evaluator, out_dir / "per_class.csv")]
 
 
 def write_plots(evaluator: CocoEvaluator, out_dir: str | Path) -> list[Path]:
-    """Write ``per_class_ap.png`` and ``pr_curves.png`` into ``out_dir``; return their paths."""
-    out_dir = Path(out_dir)
-    return [plot_per_class_ap(evaluator, out_dir / "per_class_ap.png"), plot_pr_curves(evaluator, out_dir / "pr_curves.png")]
+    """The former name of :func:`write_reports`, which the engine still calls; the same three files."""
+    return write_reports(evaluator, out_dir)
 
 
 def plot_ablation(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], path: str | Path) -> Path:
