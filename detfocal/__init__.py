@@ -24,7 +24,7 @@ _LAZY = {
     "labels_from_matched_idxs": "detfocal.modeling", "FocalRetinaNet": "detfocal.modeling",
     "build_retinanet": "detfocal.modeling", "convert_retinanet": "detfocal.modeling",
     "load_config": "detfocal.config",
-    "train": "detfocal.engine.train", "load_model": "detfocal.engine.checkpoint",
+    "train": "detfocal.engine.train", "load_model": "detfocal.engine.inference",
 }
 __all__ = sorted(_LAZY)
 

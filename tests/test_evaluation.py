@@ -105,8 +105,8 @@ def _random_gt_and_predictions(seed: int = 0, num_images: int = 12):
         gt["images"].append({"id": image_id, "file_name": f"{image_id}.png", "width": 128, "height": 128})
         boxes, scores, labels = [], [], []
         for _ in range(rng.integers(1, 6)):
-            w, h = rng.uniform(6, 110, size=2)
-            x, y = rng.uniform(0, 128 - w), rng.uniform(0, 128 - h)
+            w, h = rng.uniform(6, 110, size=2).tolist()
+            x, y = float(rng.uniform(0, 128 - w)), float(rng.uniform(0, 128 - h))
             label = int(rng.integers(5))
             gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": image_id, "bbox": [x, y, w, h],
                                       "category_id": category_ids[label], "area": w * h,
@@ -220,8 +220,9 @@ def test_per_class_csv_counts_only_the_evaluated_images_and_no_crowd(tiny_gt, tm
     tiny_gt["annotations"].append({"id": 5, "image_id": 1, "category_id": 7, "bbox": [0, 0, 9, 9], "area": 81,
                                    "iscrowd": 1})
     evaluator = CocoEvaluator(tiny_gt, [3, 7, 90], img_ids=[1])
-    evaluator.update({1: {"boxes": torch.tensor([[2.0, 2, 22, 22]]), "scores": torch.tensor([0.9]), "labels": torch.tensor([0])},
-                      2: {"boxes": torch.tensor([[10.0, 10, 60, 60]]), "scores": torch.tensor([0.9]), "labels": torch.tensor([1])}})
+    evaluator.update({
+        1: {"boxes": torch.tensor([[2.0, 2, 22, 22]]), "scores": torch.tensor([0.9]), "labels": torch.tensor([0])},
+        2: {"boxes": torch.tensor([[10.0, 10, 60, 60]]), "scores": torch.tensor([0.9]), "labels": torch.tensor([1])}})
     rows = list(csv.DictReader(write_per_class_csv(evaluator, tmp_path / "per_class.csv").open(encoding="utf-8")))
     assert [(r["class"], r["AP"], r["num_gt"], r["num_detections"]) for r in rows] == [
         ("car", "1.0000", "1", "1"), ("train", "", "0", "0"), ("toothbrush", "0.0000", "1", "0")]
@@ -341,7 +342,7 @@ def test_pr_curves_of_80_classes_label_only_the_best_and_worst_five(fake_evaluat
     title, labels = _legend(figure_pr_curves(evaluator))
     per_class = evaluator.summary["per_class"]
     ranked = sorted((name for name, ap in per_class.items() if ap >= 0), key=lambda name: -per_class[name])
-    assert "best and worst 5" in title and len(labels) == 10
+    assert "worst (right) 5 of 70 classes" in title and len(labels) == 10
     assert [label.split(":")[0] for label in labels] == ranked[:5] + ranked[-5:]
 
 

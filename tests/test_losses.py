@@ -228,15 +228,18 @@ def test_finite_at_saturated_logits(dtype, gamma):
         assert logits.grad.dtype == dtype
 
 
-def test_torchvision_is_nan_where_we_are_finite():
-    """The defect we fix: torchvision's autograd gives NaN at gamma < 1 and saturated logits."""
-    x = torch.tensor([100.0, -100.0], requires_grad=True)
-    t = torch.tensor([1.0, 0.0])
-    tv_sigmoid_focal_loss(x, t, 0.25, 0.5, "sum").backward()
-    assert torch.isnan(x.grad).any()
-    x.grad = None
+def test_gradient_at_saturated_logits_is_the_papers_closed_form():
+    """At gamma < 1 and |x| = 100, autograd of the formula is NaN; the paper's closed form is not."""
+    x = torch.tensor([100.0, -100.0, 3.0, -3.0], dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([1.0, 0.0, 1.0, 0.0], dtype=torch.float64)
     sigmoid_focal_loss(x, t, 0.25, 0.5, "sum").backward()
-    assert torch.all(torch.isfinite(x.grad))
+    # Lin et al. 2017, appendix: dFL/dx_t = alpha_t (1 - p_t)^gamma (gamma p_t log p_t + p_t - 1), x_t = (2t - 1) x.
+    # Written with q = 1 - p_t = sigmoid(-x_t) and log p_t = -softplus(-x_t), so nothing cancels.
+    x_t = (2 * t - 1) * x.detach()
+    p_t, q = torch.sigmoid(x_t), torch.sigmoid(-x_t)
+    alpha_t = 0.25 * t + 0.75 * (1 - t)
+    expected = (2 * t - 1) * alpha_t * q ** 0.5 * (0.5 * p_t * -torch.nn.functional.softplus(-x_t) - q)
+    torch.testing.assert_close(x.grad, expected, rtol=1e-12, atol=1e-300)
 
 
 # ---------------------------------------------------------------- mixed precision vs float64
@@ -334,11 +337,21 @@ def test_property_integer_path_equals_float64_formula(shape, num_classes, dtype,
     loss = sigmoid_focal_loss(x, labels, alpha, gamma, "sum")
     loss.backward()
     keep = labels != -1
-    ref = _reference_focal64(logits.double()[keep], _one_hot_rows(labels[keep], num_classes), alpha, gamma)
-    finite = torch.isfinite(ref)  # the naive float64 reference itself overflows at |x| = 1e4
+    # The reference: the formula in float64 on the same (rounded) logits, differentiated by autograd.
+    x64 = logits.double().requires_grad_(True)
+    ref = _reference_focal64(x64[keep], _one_hot_rows(labels[keep], num_classes), alpha, gamma)
+    ref.sum().backward()
     assert torch.isfinite(loss) and torch.all(torch.isfinite(x.grad))
-    if bool(finite.all()):
+    assert torch.all(x.grad[~keep] == 0)  # ignored rows take no gradient
+    if bool(torch.isfinite(ref).all()):  # the naive float64 formula itself overflows at |x| = 1e4
         torch.testing.assert_close(loss.double(), ref.sum(), rtol=1e-4, atol=1e-4)
+    grad64 = x64.grad[keep]
+    finite = torch.isfinite(grad64)  # autograd of the formula is NaN at saturation for gamma < 1
+    # The gradient is rounded once to the logits' dtype (a few ulp; fp16's subnormal spacing); the
+    # naive float64 formula loses digits of its own on tiny gradients, hence an absolute floor.
+    rtol, atol = {torch.float16: (2e-3, 6e-8), torch.bfloat16: (1.6e-2, 1e-30), torch.float32: (1e-5, 1e-12),
+                  torch.float64: (1e-8, 1e-14)}[dtype]
+    torch.testing.assert_close(x.grad[keep].double()[finite], grad64[finite], rtol=rtol, atol=atol)
 
 
 # ---------------------------------------------------------------- softmax focal loss

@@ -320,3 +320,13 @@ def test_infer_reads_16_bit_png_as_float(tmp_path, tiny, capsys, one_thread):
                      "--min-draw-size", "0"]) == 0
     drawn = np.asarray(Image.open(tmp_path / "drawn" / "deep.png"))
     assert drawn.shape == (64, 64, 3) and drawn.max() >= 250  # the full 16-bit range, not clipped at 255/65535
+
+
+def test_import_detfocal_is_cheap_and_every_public_name_resolves():
+    result = run_tool("-X", "importtime", "-c", "import detfocal")
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if "|" in line}
+    assert result.returncode == 0 and "torch" not in imported
+    import detfocal
+
+    for name in detfocal.__all__:
+        assert getattr(detfocal, name) is not None, name

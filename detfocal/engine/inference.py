@@ -139,7 +139,7 @@ def evaluate_checkpoint(checkpoint: str | Path, config: str | Path | None = None
                         out_dir: str | Path | None = None) -> dict[str, Any]:
     """COCO-evaluate a checkpoint on its config's val split; the function behind ``detfocal eval``.
 
-    Writes ``metrics.json``, ``results.json``, ``per_class_ap.png`` and ``pr_curves.png`` to
+    Writes ``metrics.json``, ``results.json``, ``per_class.csv``, ``per_class_ap.png`` and ``pr_curves.png`` to
     ``out_dir`` (default ``<checkpoint folder>/eval``). Data is generated only for a config the
     user names, never for one stored in the checkpoint.
 
@@ -152,7 +152,7 @@ def evaluate_checkpoint(checkpoint: str | Path, config: str | Path | None = None
     from detfocal.data import CocoDetection, build_transforms, collate_fn
     from detfocal.engine.logging import format_summary
     from detfocal.evaluation.coco import CocoEvaluator
-    from detfocal.evaluation.plots import write_plots
+    from detfocal.evaluation.plots import write_reports
     from detfocal.engine.checkpoint import load_checkpoint
     from detfocal.io import ensure_writable_dir, write_json_atomic
 
@@ -169,12 +169,12 @@ def evaluate_checkpoint(checkpoint: str | Path, config: str | Path | None = None
     loader = DataLoader(dataset, batch_size=cfg.eval.batch_size, num_workers=cfg.data.workers, collate_fn=collate_fn)
     print(f"evaluating {checkpoint} (step {info['iteration']}) on {len(dataset)} images of {annotations}, "
           f"{len(info['label_to_category_id'])} categories")
-    evaluator = CocoEvaluator(dataset.coco, info["label_to_category_id"])
+    evaluator = CocoEvaluator(dataset.coco, info["label_to_category_id"], backend=cfg.eval.backend)
     device = next(model.parameters()).device
     summary = evaluate(model, loader, evaluator, device, progress=True)
     print(format_summary(summary))
     written = [write_json_atomic(out / "metrics.json", summary), evaluator.write_results(out / "results.json"),
-               *write_plots(evaluator, out)]
+               *write_reports(evaluator, out)]
     print("wrote: " + ", ".join(str(path) for path in written))
     return summary
 

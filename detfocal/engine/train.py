@@ -509,11 +509,11 @@ def _train(cfg: Any, out_dir: Path, resume: str | Path | bool | None, overwrite:
                               "stopped": stopped, "skipped_steps": skipped_steps, "bad_images": len(bad_images),
                               "minutes": (time.perf_counter() - start_time) / 60}
     if is_main:
-        from detfocal.evaluation.plots import plot_training_curves, write_plots
+        from detfocal.evaluation.plots import plot_training_curves, write_reports
 
         written = plot_training_curves(out_dir / "metrics.jsonl", out_dir)
         if evaluator is not None:
-            written += write_plots(evaluator, out_dir)
+            written += write_reports(evaluator, out_dir)
             written.append(evaluator.write_results(out_dir / "results.json"))
         if writer is not None:
             writer.close()
@@ -532,10 +532,10 @@ def _train(cfg: Any, out_dir: Path, resume: str | Path | bool | None, overwrite:
 def _log_evaluation(writer: Any, model: nn.Module, val_set: Any, evaluator: Any, summary: Mapping[str, Any],
                     iteration: int, device: torch.device) -> None:
     """TensorBoard at an evaluation: the 12 COCO stats, the PR curves and a few drawn val images."""
-    from detfocal.evaluation.plots import pr_curves_figure
+    from detfocal.evaluation.plots import figure_pr_curves
 
     log_scalars(writer, "val", {name: summary[name] for name in STAT_NAMES if name in summary}, iteration)
-    writer.add_figure("val/pr_curves", pr_curves_figure(evaluator), iteration)
+    writer.add_figure("val/pr_curves", figure_pr_curves(evaluator), iteration)
     was_training = model.training
     model.eval()
     for index in range(min(NUM_TENSORBOARD_IMAGES, len(val_set))):

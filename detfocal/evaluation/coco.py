@@ -136,7 +136,10 @@ def _load_detections(coco_gt: Any, results: list[dict[str, Any]]) -> Any:
 
 
 def _class_precision(coco_eval: Any, k: int, iou: float | None = None) -> float:
-    """AP of the k-th category (area all, 100 detections), over all IoU thresholds or at ``iou``; -1.0 without ground truth."""
+    """AP of the k-th category (area all, 100 detections) over IoU 0.50:0.95, or at IoU ``iou``.
+
+    -1.0 for a category without ground truth.
+    """
     # precision: (iou thresholds, recall thresholds, categories, area ranges, max dets);
     # area index 0 is "all", max-dets index -1 is 100, as in the AP stat.
     values = coco_eval.eval["precision"][:, :, k, 0, -1]

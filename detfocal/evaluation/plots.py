@@ -263,9 +263,10 @@ def figure_pr_curves(evaluator: CocoEvaluator) -> "Figure":
     """Precision-recall curves at IoU 0.5 and 0.75 (area all, 100 detections), one colour per class.
 
     Up to :data:`MAX_LABELLED_CLASSES` classes each get a colour and a legend entry (name,
-    AP50 / AP75), best AP first; with more, only the :data:`NUM_EXTREME_CLASSES` best and worst
-    by AP do, and the rest are thin grey lines. A thick red line in each panel is the mean
-    over classes with ground truth. The evaluator is summarized now if it has not been.
+    AP50 / AP75), best AP first down the columns; with more, only the :data:`NUM_EXTREME_CLASSES`
+    best (left column) and worst (right column) by AP do, and the rest are thin grey lines. A
+    thick black line in each panel is the mean over classes with ground truth. The evaluator
+    is summarized now if it has not been.
 
     Args:
         evaluator: the evaluator whose ``coco_eval.eval["precision"]`` is plotted.
@@ -280,11 +281,13 @@ def figure_pr_curves(evaluator: CocoEvaluator) -> "Figure":
     with_gt = [k for k, row in enumerate(rows) if row["AP"] >= 0]  # classes without ground truth are all -1
     by_ap = sorted(with_gt, key=lambda k: -rows[k]["AP"])
     if len(with_gt) <= MAX_LABELLED_CLASSES:
-        labelled, title = by_ap, "class: AP50 / AP75"
+        labelled, title = by_ap, "class: AP50 / AP75, best AP first"
+        columns = len(labelled) if len(labelled) <= 5 else 4
     else:
         labelled = by_ap[:NUM_EXTREME_CLASSES] + by_ap[-NUM_EXTREME_CLASSES:]
-        title = (f"best and worst {NUM_EXTREME_CLASSES} of {len(with_gt)} classes by AP: AP50 / AP75 "
-                 f"(others grey)")
+        title = (f"best (left) and worst (right) {NUM_EXTREME_CLASSES} of {len(with_gt)} classes by AP: "
+                 f"AP50 / AP75; the others in grey")
+        columns = 2  # the legend fills down the columns: best in one, worst in the other
     palette = _class_colours(len(labelled))
     colour_of = {k: palette[i] for i, k in enumerate(sorted(labelled))}  # by category, stable between runs
     figure = new_figure(figsize=(10, 4.5), layout="constrained")
@@ -294,13 +297,13 @@ def figure_pr_curves(evaluator: CocoEvaluator) -> "Figure":
         curves = precision[t, :, :, 0, -1].T  # (R, K) -> (K, R)
         for k in with_gt:
             if k not in colour_of:
-                axes.plot(recall, curves[k], color="tab:gray", linewidth=0.5, alpha=0.5)
-        for k in labelled:  # drawn in legend order, best on top of the grey ones
+                axes.plot(recall, curves[k], color="0.6", linewidth=0.5, alpha=0.6)
+        for k in labelled:  # after the grey ones, so drawn over them
             axes.plot(recall, curves[k], color=colour_of[k], linewidth=1.2,
                       label=f"{rows[k]['class']}: {rows[k]['AP50']:.3f} / {rows[k]['AP75']:.3f}")
         if with_gt:
             mean = curves[with_gt].mean(axis=0)
-            mean_line = axes.plot(recall, mean, color="tab:red", linewidth=2.5,
+            mean_line = axes.plot(recall, mean, color="black", linewidth=2.5,
                                   label=f"mean, AP{int(iou * 100)} = {mean.mean():.3f}")
             axes.legend(handles=mean_line, loc="lower left")
         axes.set_title(f"IoU {iou}")
@@ -311,20 +314,25 @@ def figure_pr_curves(evaluator: CocoEvaluator) -> "Figure":
     if labelled:
         handles, labels = panels[0].get_legend_handles_labels()
         handles, labels = handles[:len(labelled)], labels[:len(labelled)]  # the classes, not the mean
-        figure.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labelled)), title=title,
+        figure.legend(handles, labels, loc="outside lower center", ncol=columns, title=title,
                       fontsize="small", title_fontsize="small", frameon=False)
     return figure
 
 
 def _class_colours(count: int) -> list[Any]:
-    """``count`` distinct colours: tab10 up to 10, tab20 up to 20, else evenly spaced in turbo."""
+    """``count`` distinct colours, none grey (the unlabelled classes) or black (the mean).
+
+    tab20's dark shades, then its light ones, then two more; evenly spaced in turbo beyond 20.
+    """
     from matplotlib import colormaps
 
-    if count <= 10:
-        return [colormaps["tab10"](i) for i in range(count)]
-    if count <= 20:
-        return [colormaps["tab20"](i) for i in range(count)]
-    return [colormaps["turbo"](x) for x in np.linspace(0.05, 0.95, count)]
+    if count > 20:
+        return [colormaps["turbo"](x) for x in np.linspace(0.05, 0.95, count)]
+    tab20 = colormaps["tab20"]
+    greys = (14, 15)
+    dark = [tab20(i) for i in range(0, 20, 2) if i not in greys]
+    light = [tab20(i) for i in range(1, 20, 2) if i not in greys]
+    return (dark + light + ["navy", "maroon"])[:count]
 
 
 def plot_pr_curves(evaluator: CocoEvaluator, path: str | Path) -> Path:
@@ -347,7 +355,8 @@ def write_reports(evaluator: CocoEvaluator, out_dir: str | Path) -> list[Path]:
         >>> write_reports(evaluator, "runs/demo")  # after evaluator.summarize()
     """
     out_dir = Path(out_dir)
-    return [plot_per_class_ap(evaluator, out_dir / "per_class_ap.png"), plot_pr_curves(evaluator, out_dir / "pr_curves.png"),
+    return [plot_per_class_ap(evaluator, out_dir / "per_class_ap.png"),
+            plot_pr_curves(evaluator, out_dir / "pr_curves.png"),
             write_per_class_csv(evaluator, out_dir / "per_class.csv")]
 
 

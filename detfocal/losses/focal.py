@@ -59,7 +59,7 @@ def focal_terms(z: Tensor, t: Tensor | float, alpha: Tensor | None, gamma: float
         return loss, None
     # r -> 0 where q underflows to 0; there q**gamma is 0 too (gamma > 0) or gamma is 0.
     r = torch.where(q > 0, p * p_neg / q, torch.zeros_like(q)).clamp(max=1.0)
-    grad = weight * ((p - t) + gamma * r * (1 - 2 * t) * ce)
+    grad = weight * (((1 - t) * p - t * p_neg) + gamma * r * (1 - 2 * t) * ce)  # p - t, exact at saturation
     return loss, grad
 
 
