@@ -89,10 +89,11 @@ def match_detections(got: dict[str, np.ndarray], ref: dict[str, torch.Tensor], *
         score_error = np.abs(got["scores"] - score)
         fits = ((got["labels"] == label) & (score_error <= SCORE_ATOL) & ~used
                 & (box_error <= BOX_ATOL + BOX_RTOL * np.abs(box).max()))
-        assert fits.any(), f"PyTorch's detection {i} (label {label}, score {score:.6f}, box {box}) is not in the graph's"
+        assert fits.any(), f"PyTorch's detection {i} (label {label}, score {score:.6f}, box {box}) is not the graph's"
         j = int(np.flatnonzero(fits)[np.argmin(score_error[fits])])
         used[j] = True
-        worst = {"boxes": max(worst["boxes"], float(box_error[j])), "scores": max(worst["scores"], float(score_error[j]))}
+        worst["boxes"] = max(worst["boxes"], float(box_error[j]))
+        worst["scores"] = max(worst["scores"], float(score_error[j]))
     return worst
 
 
@@ -164,6 +165,7 @@ def test_export_of_a_file_that_is_not_a_checkpoint_is_one_line(tmp_path):
     ({"image_size": 64.0}, "image_size: .* got 64.0"),
     ({"opset": 9}, r"opset: expected an int in \[11, 20\], got 9"),
     ({"score_thresh": 1.5}, r"score_thresh: expected a score in \[0, 1\], got 1.5"),
+    ({"score_thresh": "0.5"}, r"score_thresh: expected a score in \[0, 1\], got '0.5'"),
 ])
 def test_bad_export_arguments_are_named_before_any_work(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):

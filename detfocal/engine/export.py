@@ -22,6 +22,7 @@ The graph, for one image:
 """
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import warnings
@@ -55,8 +56,6 @@ class _DetectionGraph(nn.Module):
 
 def _require(module: str, needed_by: str) -> Any:
     """Import an optional dependency, or say in one line how to install it."""
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError:
@@ -102,7 +101,8 @@ def export_onnx(checkpoint: str | Path | Mapping[str, Any], out: str | Path, *, 
         raise ValueError(f"image_size: expected None (any size) or a positive int, got {image_size!r}")
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise ValueError(f"opset: expected an int in [{MIN_OPSET}, {MAX_OPSET}], got {opset!r}")
-    if score_thresh is not None and not 0.0 <= score_thresh <= 1.0:
+    if score_thresh is not None and (isinstance(score_thresh, bool) or not isinstance(score_thresh, (int, float))
+                                     or not 0.0 <= score_thresh <= 1.0):
         raise ValueError(f"score_thresh: expected a score in [0, 1], got {score_thresh!r}")
     out = Path(out)
     if out.is_dir():
@@ -113,7 +113,7 @@ def export_onnx(checkpoint: str | Path | Mapping[str, Any], out: str | Path, *, 
 
     model, info = load_model(checkpoint, device="cpu",
                              **({} if score_thresh is None else {"score_thresh": float(score_thresh)}))
-    # Any image traces the same graph; a fixed generator keeps the file byte-identical between runs.
+    # The example only sets the traced shapes; a seeded generator of its own leaves the global RNG alone.
     size = image_size if image_size is not None else model.transform.min_size[-1]
     example = torch.rand(3, size, size, generator=torch.Generator().manual_seed(0))
     dynamic = {name: {0: "num_detections"} for name in OUTPUT_NAMES}
