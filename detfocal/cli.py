@@ -1,4 +1,4 @@
-"""The console commands: ``detfocal train|eval|infer|subset|shapes|benchmark|ablate|plot-focal``.
+"""The console commands: ``detfocal train|eval|infer|export|subset|shapes|benchmark|ablate|plot-focal``.
 
 ``detfocal --help`` answers without importing torch: each command's parser is built here
 from the standard library alone, and the work is imported only when a command runs. User
@@ -86,6 +86,21 @@ def _infer(args: argparse.Namespace) -> int:
     _import_modules(args.imports)
     predict_images(args.checkpoint, args.images, args.out, score_thresh=args.score_thresh,
                    min_draw_size=args.min_draw_size)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from detfocal.engine.export import export_onnx
+
+    _import_modules(args.imports)
+    try:
+        path = export_onnx(args.checkpoint, args.out, image_size=args.image_size, opset=args.opset,
+                           score_thresh=args.score_thresh, overwrite=args.overwrite)
+    except ImportError as exc:  # onnx is an optional extra: a setup problem, not a bug
+        raise ValueError(str(exc)) from None
+    size = "H, W" if args.image_size is None else f"{args.image_size}, {args.image_size}"
+    print(f"exported {args.checkpoint} to {path} (ONNX opset {args.opset}; input image float32 [3, {size}] RGB in "
+          f"[0, 1]; outputs boxes, scores, labels after NMS)")
     return 0
 
 
@@ -181,6 +196,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--min-draw-size", type=int, default=512, metavar="PX",
                      help="enlarge smaller images by a whole factor until their longer side reaches PX before "
                           "drawing, so labels stay readable (default 512, at most 4096; 0: input size)")
+    sub.add_argument("--import", dest="imports", nargs="+", action="extend", default=[], metavar="MODULE",
+                     help="import these modules first (custom heads, backbones or detectors)")
+
+    sub = command("export", _export, "export a checkpoint's detector (NMS included) to ONNX")
+    sub.add_argument("checkpoint", type=Path, help="a .pth written by detfocal train")
+    sub.add_argument("--format", choices=["onnx"], default="onnx", help="the only format: onnx")
+    sub.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
+    sub.add_argument("--image-size", type=int, metavar="PX", help="fix the input to PX x PX (default: any size)")
+    sub.add_argument("--opset", type=int, default=17, help="ONNX opset, 11-20 (default 17)")
+    sub.add_argument("--score-thresh", type=float, help="lowest score kept (default: the checkpoint's)")
+    sub.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     sub.add_argument("--import", dest="imports", nargs="+", action="extend", default=[], metavar="MODULE",
                      help="import these modules first (custom heads, backbones or detectors)")
 

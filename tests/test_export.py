@@ -198,3 +198,16 @@ def test_run_onnx_on_a_missing_or_broken_file_is_one_line(tmp_path):
     with pytest.raises(ValueError, match="broken.onnx is not a loadable ONNX model") as raised:
         run_onnx(tmp_path / "broken.onnx", np.zeros((3, 8, 8), np.float32))
     assert "\n" not in str(raised.value)
+
+
+@pytest.mark.slow
+def test_export_command_writes_the_model_and_says_what_it_takes(tmp_path, tiny, capsys, one_thread):
+    pytest.importorskip("onnx")
+    from detfocal.cli import main as cli_main
+
+    checkpoint = make_checkpoint(tmp_path, tiny)
+    out = tmp_path / "model.onnx"
+    assert cli_main(["export", str(checkpoint), "--format", "onnx", "--out", str(out), "--image-size", "64"]) == 0
+    assert out.is_file() and "input image float32 [3, 64, 64] RGB in [0, 1]" in capsys.readouterr().out
+    assert cli_main(["export", str(checkpoint), "--out", str(out)]) == 2  # never replaced without --overwrite
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1

@@ -266,7 +266,7 @@ def test_train_and_eval_on_the_coco_val2014_sample(tmp_path, capsys, one_thread)
 def test_help_lists_every_command_without_importing_torch():
     result = run_tool("-X", "importtime", "-m", "detfocal", "--help")
     assert result.returncode == 0
-    for command in ("train", "eval", "infer", "subset", "shapes", "benchmark", "ablate", "plot-focal"):
+    for command in ("train", "eval", "infer", "export", "subset", "shapes", "benchmark", "ablate", "plot-focal"):
         assert f"    {command}" in result.stdout
     imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if "|" in line}
     assert "torch" not in imported and "detfocal.config" not in imported
