@@ -377,6 +377,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_ddp_normalization_equals_single_process_on_global_batch_and_reduce_none_does_not_hang():
     data = _ddp_cases()
     with tempfile.TemporaryDirectory() as directory:

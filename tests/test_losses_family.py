@@ -496,6 +496,7 @@ def test_focal_loss_curves_follow_the_paper_formulas() -> None:
     assert losses[2.0][-1] < 1e-15 and grads[2.0][-1] < 1e-15  # p_t = 1: no loss, no gradient
 
 
+@pytest.mark.slow
 def test_plot_focal_writes_png_and_svg(tmp_path: Path) -> None:
     out = tmp_path / "figures"
     result = subprocess.run([sys.executable, "tools/plot_focal.py", "--out", str(out)], cwd=ROOT,

@@ -163,6 +163,7 @@ def test_ctrl_c_saves_a_resumable_checkpoint_and_exits_130(tmp_path, tiny):
 # errors and --print-config
 
 
+@pytest.mark.slow
 def test_bad_config_key_exits_2_with_one_line():
     result = run_tool("tools/train.py", str(DEMO), "--set", "train.lrr=0.1")
     assert result.returncode == 2
