@@ -144,9 +144,9 @@ def _loss_case(spec: dict[str, Any]) -> dict[str, Any]:
 
     device = spec["device"]
     inputs = _loss_inputs(spec["batch"], spec["num_anchors"], spec["num_classes"], device)
-    base = inputs["logits"]
-    logits = base.clone().requires_grad_(True)
     impl = spec["impl"]
+    base = inputs["logits"].half() if impl.endswith("_fp16") else inputs["logits"]  # fp16: a GradScaler's path
+    logits = base.clone().requires_grad_(True)
     if impl in ("detfocal_compiled", "detfocal_eager"):
         os.environ["DETFOCAL_COMPILE"] = "1" if impl == "detfocal_compiled" else "0"
         from detfocal.losses import sigmoid_focal_loss
@@ -157,15 +157,17 @@ def _loss_case(spec: dict[str, Any]) -> dict[str, Any]:
             logits.grad = None
             num_foreground = (labels >= 0).logical_and(labels < base.shape[-1]).sum().clamp(min=1)
             (sigmoid_focal_loss(logits, labels, 0.25, 2.0, "sum") / num_foreground).backward()
-    elif impl == "detfocal_head":
+    elif impl in ("detfocal_head", "detfocal_head_fp16"):
         os.environ["DETFOCAL_COMPILE"] = spec.get("compile", "auto")
         from detfocal.modeling.heads import FocalClassificationHead
 
         head = FocalClassificationHead(8, 9, base.shape[-1]).to(device)
 
+        scale = 2.0 ** 16 if impl.endswith("_fp16") else 1.0  # GradScaler's initial scale
+
         def step() -> None:
             logits.grad = None
-            head.compute_loss(inputs["targets"], {"cls_logits": logits}, inputs["matched_idxs"]).backward()
+            (head.compute_loss(inputs["targets"], {"cls_logits": logits}, inputs["matched_idxs"]) * scale).backward()
     elif impl == "torchvision_head":
         from torchvision.models.detection.retinanet import RetinaNetClassificationHead
 
@@ -282,7 +284,7 @@ OTHER = "other (loss sum, grad norm and clip, sync, autograd engine)"
 DATA = "data loading + transforms (decode, v2 transforms, collate)"
 PROFILE_ROWS = (DATA, "model transform (normalize, batch)", "backbone", "FPN", "head convs", "anchor generation",
                 "matching", "target encoding", "classification loss", "box loss", "optimizer step", OTHER)
-# The brief's non-convolution share: what a faster conv library would not speed up.
+# The non-convolution share: the work around the convolutions that detfocal's own code does.
 NON_CONV_ROWS = ("matching", "target encoding", "classification loss", "box loss", DATA)
 
 
@@ -435,9 +437,10 @@ def _profile_case(spec: dict[str, Any]) -> dict[str, Any]:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, **optimizer_kwargs(cfg))
+    scaler = torch.amp.GradScaler("cpu") if amp_dtype is torch.float16 else None  # as the training loop
 
     def step(images: list[Any], targets: list[Any]) -> None:
-        train_step(model, images, targets, optimizer, amp_dtype=amp_dtype, scaler=None,
+        train_step(model, images, targets, optimizer, amp_dtype=amp_dtype, scaler=scaler,
                    grad_clip=cfg.train.grad_clip)
 
     for images, targets in loaded[:warmup]:
@@ -455,8 +458,8 @@ def _profile_case(spec: dict[str, Any]) -> dict[str, Any]:
     times, step_us, num_steps = attribute_profile(prof.events(), PROFILE_ROWS)
     rows = {name: [total / 1000 / num_steps, backward / 1000 / num_steps] for name, (total, backward) in times.items()}
     rows[DATA] = [data["data_ms"], 0.0]
-    return {**data, "rows": rows, "step_ms": step_us / 1000 / num_steps, "unprofiled_step_ms": statistics.median(wall_ms),
-            "amp": amp_note, "image_size": params.get("image_size")}
+    return {**data, "rows": rows, "step_ms": step_us / 1000 / num_steps,
+            "unprofiled_step_ms": statistics.median(wall_ms), "amp": amp_note, "image_size": params.get("image_size")}
 
 
 def profile_table(result: dict[str, Any]) -> str:
@@ -469,7 +472,9 @@ def profile_table(result: dict[str, Any]) -> str:
         lines.append(f"| {name} | {ms:.1f} | {backward:.1f} | {100 * ms / total:.1f} |")
     lines.append(f"| **total** | {total:.1f} | | 100.0 |")
     non_conv = sum(rows.get(name, [0.0])[0] for name in NON_CONV_ROWS)
-    lines += ["", f"Non-convolution share (matching + target encoding + losses + data): {non_conv:.1f} ms, "
+    lines += ["", "A step is the training step plus loading its batch (data.workers: 0 loads in the loop); "
+              "the training step's rows are means over the profiled steps, the data row a median.",
+              f"Non-convolution share (matching + target encoding + losses + data): {non_conv:.1f} ms, "
               f"{100 * non_conv / total:.1f}% of the step.",
               f"Training step without the profiler: {result['unprofiled_step_ms']:.1f} ms (median); "
               f"with it: {result['step_ms']:.1f} ms (mean). Data: {result['data_ms_per_image']:.2f} ms per image, "
@@ -547,7 +552,7 @@ def build_specs(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
     common = {"device": args.device, "threads": args.threads}
     specs: dict[str, list[dict[str, Any]]] = {}
     if "loss" in args.cases:
-        impls = ["detfocal_head", "detfocal_compiled", "detfocal_eager", "torchvision_head",
+        impls = ["detfocal_head", "detfocal_head_fp16", "detfocal_compiled", "detfocal_eager", "torchvision_head",
                  "detfocal_float", "torchvision_ops_float", "sigmoid_pass"]
         specs["loss"] = [{**common, "kind": "loss", "impl": impl, "batch": 2, "num_anchors": n, "num_classes": 80,
                           "repeats": repeats} for impl in impls]

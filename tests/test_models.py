@@ -1,6 +1,7 @@
 """build_retinanet, convert_retinanet, crowd-aware matching and the registries, against torchvision."""
 from __future__ import annotations
 
+import copy
 from functools import partial
 
 import pytest
@@ -9,15 +10,19 @@ import torchvision
 from torch import nn
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection._utils import Matcher
+from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from detfocal.modeling.backbones import LastLevelP6P7Fp32
 from detfocal.modeling.heads import FocalClassificationHead, focal_head_loss, labels_from_matched_idxs
-from detfocal.modeling.retinanet import (FocalRetinaNet, anchor_crowd_ioa, build_retinanet, convert_retinanet,
-                                         match_anchors, resolve_backbone_weights)
+from detfocal.modeling import retinanet
+from detfocal.modeling.retinanet import (CachedAnchorGenerator, FocalRetinaNet, anchor_crowd_ioa, build_retinanet,
+                                         convert_retinanet, match_anchors, match_anchors_batched,
+                                         resolve_backbone_weights)
 from detfocal.registry import BACKBONES, DETECTORS, HEADS, Registry
 
 SMALL = {"fpn_channels": 64, "min_size": 128, "max_size": 128}
@@ -77,6 +82,52 @@ def test_crowd_only_image_has_no_positives_and_ignores_covered_anchors():
     matched = match_anchors(anchors, torch.zeros(0, 4), Matcher(0.5, 0.4, True),
                             crowd_boxes=torch.tensor([[0.0, 0.0, 20.0, 20.0]]))
     assert matched.tolist() == [-2, -1]
+
+
+class PerImageMatcher(Matcher):
+    """torchvision's Matcher under another type: FocalRetinaNet then matches image by image with it."""
+
+
+def matching_batch(anchor_dtype=torch.float32):
+    """Anchors with duplicates (ties between anchors), and 4 images: a duplicated box (ties between
+    boxes), no boxes but a crowd box, a box far from every anchor (IoU 0 ties), 5 boxes and 2 crowd."""
+    generator = torch.Generator().manual_seed(0)
+
+    def random_boxes(count, low=0.0, high=60.0):
+        xy = low + torch.rand(count, 2, generator=generator) * (high - low)
+        return torch.cat([xy, xy + 4 + torch.rand(count, 2, generator=generator) * 30], dim=1)
+
+    anchors = random_boxes(200)
+    anchors[100:110] = anchors[:10]
+    first = random_boxes(3)
+    boxes = [torch.cat([first, first[:1]]), torch.zeros(0, 4), random_boxes(1, 500.0, 600.0), random_boxes(5)]
+    crowd = [None, random_boxes(1), torch.zeros(0, 4), random_boxes(2)]
+    return anchors.to(anchor_dtype), boxes, crowd
+
+
+@pytest.mark.parametrize("anchor_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("low_quality", [True, False], ids=["low_quality", "thresholds_only"])
+def test_batched_matching_equals_torchvision_matcher_image_by_image(anchor_dtype, low_quality):
+    anchors, boxes, crowd = matching_batch(anchor_dtype)
+    matcher = Matcher(0.5, 0.4, allow_low_quality_matches=low_quality)
+    expected = torch.stack([match_anchors(anchors, b, matcher, c) for b, c in zip(boxes, crowd)])
+    got = match_anchors_batched(anchors, boxes, matcher, crowd)
+    assert got.dtype == torch.int64 and torch.equal(got, expected)
+    assert (got == 0).any() and (got == -2).any()  # the batch exercises matches and ignored anchors
+
+
+def test_model_matching_in_one_call_image_by_image_or_per_image_matcher_agree(monkeypatch):
+    anchors, boxes, crowd = matching_batch()
+    backbone = nn.Identity()
+    backbone.out_channels = 8
+    model = FocalRetinaNet(backbone, 2, head=nn.Identity())
+    expected = model.match([anchors] * 4, boxes, crowd)  # one batched call
+    model.proposal_matcher = PerImageMatcher(0.5, 0.4, True)
+    assert all(torch.equal(g, e) for g, e in zip(model.match([anchors.clone() for _ in range(4)], boxes, crowd),
+                                                 expected))
+    monkeypatch.setattr(retinanet, "MATCH_BATCH_ELEMENTS", 1)  # over budget: one image per call
+    model.proposal_matcher = Matcher(0.5, 0.4, True)
+    assert all(torch.equal(g, e) for g, e in zip(model.match([anchors] * 4, boxes, crowd), expected))
 
 
 def test_image_without_boxes_gives_finite_classification_and_zero_box_loss():
@@ -167,6 +218,50 @@ def test_default_anchors_equal_torchvision_retinanet():
     model = build_retinanet(3, "resnet18", **SMALL)
     assert model.anchor_generator.sizes == torchvision_retinanet().anchor_generator.sizes
     assert model.anchor_generator.aspect_ratios == ((0.5, 1.0, 2.0),) * 5
+
+
+def test_cached_anchors_give_the_losses_of_torchvision_anchors_for_two_sizes_in_a_row():
+    # max_size 192: a 128 x 160 batch keeps its size, so the anchors differ from 128 x 128.
+    model = build_retinanet(3, "resnet18", fpn_channels=64, min_size=128, max_size=192).train()
+    reference = copy.deepcopy(model)
+    reference.anchor_generator = AnchorGenerator(model.anchor_generator.sizes, model.anchor_generator.aspect_ratios)
+    reference.proposal_matcher = PerImageMatcher(0.5, 0.4, True)  # box_iou + Matcher, image by image
+    images, targets = small_batch()
+    for width in (128, 160, 128):
+        batch = [torch.nn.functional.pad(image, (0, width - 128)) for image in images]
+        got, expected = model(batch, targets), reference(batch, targets)
+        for key in ("classification", "bbox_regression"):
+            torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
+
+
+def test_cached_anchor_generator_gives_one_tensor_per_shape_and_forgets_the_oldest():
+    sizes, ratios = ((16,), (32,)), ((0.5, 1.0),) * 2
+    cached, stock = CachedAnchorGenerator(sizes, ratios, max_entries=2), AnchorGenerator(sizes, ratios)
+
+    def inputs(side):
+        features = [torch.zeros(2, 4, side // stride, side // stride) for stride in (8, 16)]
+        return ImageList(torch.zeros(2, 3, side, side), [(side, side)] * 2), features
+
+    first = cached(*inputs(64))
+    assert torch.equal(first[0], stock(*inputs(64))[0]) and first[1] is first[0]
+    assert cached(*inputs(64))[0] is first[0]  # same shape: no recomputation
+    with torch.inference_mode():
+        assert cached(*inputs(64))[0] is not first[0]  # inference tensors get their own entry
+    assert torch.equal(cached(*inputs(96))[0], stock(*inputs(96))[0])
+    assert cached(*inputs(64))[0] is not first[0]  # two newer shapes pushed it out (max_entries=2)
+    with pytest.raises(ValueError, match="max_entries must be an integer >= 1, got 0"):
+        CachedAnchorGenerator(sizes, ratios, max_entries=0)
+
+
+def test_anchor_cache_leaves_the_state_dict_keys_unchanged():
+    model = build_retinanet(3, "resnet18", **SMALL).train()
+    keys = list(model.state_dict())
+    model(*small_batch())
+    assert list(model.state_dict()) == keys and len(model.anchor_generator._cache) == 1
+    stock = build_retinanet(3, "resnet18", **SMALL)
+    stock.anchor_generator = AnchorGenerator(model.anchor_generator.sizes, model.anchor_generator.aspect_ratios)
+    assert list(stock.state_dict()) == keys
+    stock.load_state_dict(model.state_dict(), strict=True)
 
 
 def test_flat_anchor_sizes_give_one_size_per_level_and_bad_levels_raise():

@@ -250,7 +250,8 @@ def stack_matched_idxs(matched_idxs: Sequence[Tensor] | Tensor, num_boxes: Seque
     if not len(rows):
         return torch.zeros(0, num_anchors or 0, dtype=torch.long)
     matched = torch.stack([row.long() for row in rows])  # B x (N,) -> (B, N)
-    limits = torch.tensor(list(num_boxes), device=matched.device)
+    # Built on the host and copied without blocking: torch.tensor(..., device="cuda") waits for the stream.
+    limits = torch.tensor(list(num_boxes)).to(matched.device, non_blocking=True)
     bad = (matched < Matcher.BETWEEN_THRESHOLDS) | (matched >= limits[:, None])
     checks.check_values(matched, bad, "matched_idxs", MATCHED_IDXS_EXPECTED)
     return matched

@@ -2,13 +2,16 @@
 
 :class:`FocalRetinaNet` is torchvision's ``RetinaNet`` with one method overridden,
 ``compute_loss``, because the crowd rule needs the anchors, which torchvision's heads
-never see. Everything else (transform, backbone, anchors, post-processing, state_dict
+never see. It matches all the images of a batch at once, without host syncs. Its anchors
+come from :class:`CachedAnchorGenerator`, torchvision's generator computing the anchors of
+each batch shape once. Everything else (transform, backbone, post-processing, state_dict
 keys) is torchvision's own.
 """
 from __future__ import annotations
 
 import inspect
 import os
+from collections import OrderedDict
 from functools import partial
 from typing import Any, Callable, Mapping, Sequence
 
@@ -18,6 +21,7 @@ from torchvision.models import WeightsEnum
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection._utils import BoxCoder, Matcher
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import FrozenBatchNorm2d, box_iou
 
@@ -26,8 +30,9 @@ from .heads import FocalClassificationHead
 from .quality_heads import box_area, box_intersection, box_quality_targets
 from detfocal.registry import BACKBONES, DETECTORS, HEADS
 
-__all__ = ["FocalRetinaNet", "anchor_crowd_ioa", "build_retinanet", "convert_retinanet", "default_anchor_sizes",
-           "match_anchors", "resolve_backbone_weights", "retinanet_head_loss", "split_crowd"]
+__all__ = ["CachedAnchorGenerator", "FocalRetinaNet", "anchor_crowd_ioa", "build_retinanet", "convert_retinanet",
+           "default_anchor_sizes", "match_anchors", "match_anchors_batched", "resolve_backbone_weights",
+           "retinanet_head_loss", "split_crowd"]
 
 NUM_LEVELS = 5  # P3-P7
 # Per-box fields that follow the boxes when crowd boxes are removed.
@@ -35,6 +40,58 @@ PER_BOX_KEYS = ("boxes", "labels", "iscrowd", "area")
 # The head's "norm" option; GroupNorm(32) as torchvision's RetinaNet v2 and detectron2.
 HEAD_NORMS: dict[str, Callable[..., nn.Module] | None] = {"none": None, "gn": partial(nn.GroupNorm, 32),
                                                           "bn": nn.BatchNorm2d}
+# Most IoU entries (images x boxes x anchors) matched in one batched call, ~16 MB per fp32
+# temporary: the demo's batch (8 x 6 x 1023) fits many times over; a COCO image (120k
+# anchors) is matched on its own, as torchvision does, where the loop costs nothing.
+MATCH_BATCH_ELEMENTS = 2 ** 22
+
+
+# --------------------------------------------------------------------------------------
+# Anchors.
+# --------------------------------------------------------------------------------------
+class CachedAnchorGenerator(AnchorGenerator):
+    """torchvision's ``AnchorGenerator``, computing the anchors of each batch shape once.
+
+    Anchors depend only on the padded batch size, the feature map sizes, dtype and device,
+    yet torchvision rebuilds them at every forward (~50 small ops). This keeps the last
+    ``max_entries`` results in a plain dict (no buffer: the state_dict stays empty, as
+    torchvision's) and gives every image of a batch the same ``[N, 4]`` tensor, so callers
+    must not modify anchors in place (torchvision's RetinaNet does not). Traced and
+    scripted forwards (the ONNX export) compute them as torchvision does, which keeps the
+    image size dynamic in the graph. ``sizes`` and ``aspect_ratios`` are read once: build
+    a new generator to change them.
+
+    Args:
+        sizes, aspect_ratios: as ``AnchorGenerator``.
+        max_entries: batch shapes remembered (least recently used dropped first), >= 1.
+
+    Raises:
+        ValueError: ``max_entries`` below 1.
+    """
+
+    def __init__(self, sizes: Sequence[Sequence[int]], aspect_ratios: Sequence[Sequence[float]],
+                 max_entries: int = 8) -> None:
+        if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
+            raise ValueError(f"max_entries must be an integer >= 1, got {max_entries!r}")
+        super().__init__(sizes, aspect_ratios)
+        self.max_entries = max_entries
+        self._cache: OrderedDict[tuple[Any, ...], Tensor] = OrderedDict()
+
+    def forward(self, image_list: ImageList, feature_maps: list[Tensor]) -> list[Tensor]:
+        num_images = len(image_list.image_sizes)
+        if torch.jit.is_tracing() or torch.jit.is_scripting() or num_images == 0:
+            return super().forward(image_list, feature_maps)
+        # Inference mode is part of the key: its tensors cannot be saved for a later backward.
+        key = (tuple(image_list.tensors.shape[-2:]), tuple(tuple(f.shape[-2:]) for f in feature_maps),
+               feature_maps[0].dtype, feature_maps[0].device, torch.is_inference_mode_enabled())
+        anchors = self._cache.get(key)
+        if anchors is None:
+            first = ImageList(image_list.tensors[:1], image_list.image_sizes[:1])  # only shapes matter
+            anchors = self._cache[key] = super().forward(first, feature_maps)[0]
+            if len(self._cache) > self.max_entries:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(key)
+        return [anchors] * num_images
 
 
 # --------------------------------------------------------------------------------------
@@ -58,11 +115,16 @@ def split_crowd(target: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], Tensor
         raise ValueError(f"target['iscrowd'] must be a tensor of shape ({boxes.shape[0]},), one flag per box, got "
                          f"{tuple(iscrowd.shape) if isinstance(iscrowd, Tensor) else type(iscrowd).__name__}")
     crowd = iscrowd.to(device=boxes.device, dtype=torch.bool)
+    # Reading the flags back is free on CPU and spares the copies of an image without crowd
+    # boxes (nearly all of them); on a GPU it would be one more host sync than the indexing.
+    if crowd.device.type == "cpu" and not bool(crowd.any()):
+        return dict(target), boxes[:0]
     kept = dict(target)
+    keep = (~crowd).nonzero().squeeze(1)  # one index for every per-box field
     for key in PER_BOX_KEYS:
         value = target.get(key)
         if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == crowd.shape[0]:
-            kept[key] = value[~crowd.to(value.device)]
+            kept[key] = value.index_select(0, keep.to(value.device))
     return kept, boxes[crowd]
 
 
@@ -97,6 +159,71 @@ def match_anchors(anchors: Tensor, boxes: Tensor, proposal_matcher: Callable[[Te
     if crowd_boxes is not None and crowd_boxes.numel() > 0:
         in_crowd = anchor_crowd_ioa(anchors, crowd_boxes).amax(dim=1) >= crowd_ioa_thresh  # (N, K) -> (N,)
         matched = torch.where((matched == Matcher.BELOW_LOW_THRESHOLD) & in_crowd, Matcher.BETWEEN_THRESHOLDS, matched)
+    return matched
+
+
+def _upcast(boxes: Tensor) -> Tensor:
+    return boxes.float() if boxes.dtype in (torch.float16, torch.bfloat16) else boxes
+
+
+def _pad_boxes(boxes: Sequence[Tensor], like: Tensor) -> tuple[Tensor, Tensor]:
+    """B x ``[M_i, 4]`` -> zero-padded ``[B, max M_i, 4]`` and its ``[B, max M_i]`` mask of real boxes."""
+    padded = torch.nn.utils.rnn.pad_sequence([b.to(like.device) for b in boxes], batch_first=True)
+    real = torch.nn.utils.rnn.pad_sequence([torch.ones(len(b), dtype=torch.bool, device=like.device)
+                                            for b in boxes], batch_first=True)
+    return padded, real
+
+
+def match_anchors_batched(anchors: Tensor, boxes: Sequence[Tensor], proposal_matcher: Matcher,
+                          crowd_boxes: Sequence[Tensor | None] | None = None,
+                          crowd_ioa_thresh: float = 0.5) -> Tensor:
+    """:func:`match_anchors` with torchvision's ``Matcher`` for a whole batch: no loop over images, no host sync.
+
+    The boxes are padded to one ``[B, M, 4]`` tensor and the IoU of every image comes from
+    one broadcast ``[B, M, N]`` computation, with torchvision's ``box_iou`` arithmetic and
+    ``Matcher``'s rules as ``torch.where`` instead of masked writes, so the result equals
+    the per-image matching bit for bit (ties included). Memory is B x max M_i x N per
+    temporary: :meth:`FocalRetinaNet.match` bounds it.
+
+    Args:
+        anchors: ``[N, 4]`` anchors shared by every image, or ``[B, N, 4]``.
+        boxes: B tensors ``[M_i, 4]`` of non-crowd boxes (M_i may be 0).
+        proposal_matcher: a torchvision ``Matcher``; its thresholds and
+            ``allow_low_quality_matches`` are applied.
+        crowd_boxes: B tensors ``[K_i, 4]`` or None, or None for no crowd boxes.
+        crowd_ioa_thresh: as :func:`match_anchors`.
+
+    Returns:
+        ``[B, N]`` int64: index into the image's ``boxes``, -1 background or -2 ignored.
+    """
+    below, between = Matcher.BELOW_LOW_THRESHOLD, Matcher.BETWEEN_THRESHOLDS
+    anchors = anchors if anchors.dim() == 3 else anchors[None]  # (N, 4) -> (1, N, 4)
+    num_images, num_anchors = len(boxes), anchors.shape[1]
+    padded, real = _pad_boxes(boxes, anchors)  # (B, M, 4), (B, M)
+    if padded.shape[1] == 0:
+        matched = torch.full((num_images, num_anchors), below, dtype=torch.int64, device=anchors.device)
+    else:
+        # box_iou's arithmetic, 16-bit boxes (anchors under autocast) upcast to fp32 as its _upcast does.
+        padded_iou, anchors_iou = _upcast(padded), _upcast(anchors)
+        intersection = box_intersection(padded_iou[:, :, None], anchors_iou[:, None])  # -> (B, M, N)
+        union = box_area(padded_iou)[:, :, None] + box_area(anchors_iou)[:, None] - intersection
+        # Padding rows at -1 (below any IoU) never win a max, so the index is that of the image's own boxes.
+        iou = torch.where(real[:, :, None], intersection / union, -1.0)
+        best_iou, best = iou.max(dim=1)  # (B, M, N) -> (B, N)
+        matched = torch.where(best_iou < proposal_matcher.low_threshold, below,
+                              torch.where(best_iou < proposal_matcher.high_threshold, between, best))
+        if proposal_matcher.allow_low_quality_matches:
+            # Each box keeps the anchors of its highest IoU, ties included (Matcher.set_low_quality_matches_).
+            highest = iou.amax(dim=2, keepdim=True)  # (B, M, N) -> (B, M, 1)
+            update = ((iou == highest) & real[:, :, None]).any(dim=1)  # (B, M, N) -> (B, N)
+            matched = torch.where(update, best, matched)
+    if crowd_boxes is not None and any(c is not None and c.numel() for c in crowd_boxes):
+        crowd, crowd_real = _pad_boxes([c if c is not None else anchors.new_zeros(0, 4) for c in crowd_boxes], anchors)
+        # As anchor_crowd_ioa: intersection over the anchor's area, in the anchors' own dtype.
+        intersection = box_intersection(crowd[:, :, None], anchors[:, None])  # -> (B, K, N)
+        area = box_area(anchors).clamp(min=torch.finfo(anchors.dtype).tiny)[:, None]  # (1|B, 1, N)
+        in_crowd = ((intersection / area >= crowd_ioa_thresh) & crowd_real[:, :, None]).any(dim=1)  # (B, N)
+        matched = torch.where((matched == below) & in_crowd, between, matched)
     return matched
 
 
@@ -149,14 +276,16 @@ class FocalRetinaNet(RetinaNet):
     Targets may carry ``iscrowd`` next to ``boxes`` and ``labels``. Crowd boxes are never
     positives nor regression targets, and anchors that no real box matched but that lie
     mostly inside a crowd box (IoA >= ``crowd_ioa_thresh``) are ignored rather than trained
-    as background. Without ``iscrowd`` the matching is exactly torchvision's.
+    as background. Without ``iscrowd`` the matching is exactly torchvision's, computed for
+    the whole batch at once (:meth:`match`).
 
     Args:
         backbone: module returning FPN features, with an ``out_channels`` attribute.
         num_classes: foreground classes; labels lie in [0, num_classes).
         crowd_ioa_thresh: see above, in (0, 1].
         **kwargs: ``RetinaNet``'s arguments. Without ``head``: torchvision's
-            ``RetinaNetHead`` holding a :class:`~detfocal.modeling.heads.FocalClassificationHead`.
+            ``RetinaNetHead`` holding a :class:`~detfocal.modeling.heads.FocalClassificationHead`;
+            without ``anchor_generator``: a :class:`CachedAnchorGenerator` of torchvision's anchors.
 
     Raises:
         ValueError: ``crowd_ioa_thresh`` out of range, or a head predicting another
@@ -168,7 +297,8 @@ class FocalRetinaNet(RetinaNet):
             raise ValueError(f"crowd_ioa_thresh must be in (0, 1], got {crowd_ioa_thresh}")
         if kwargs.get("head") is None:
             if kwargs.get("anchor_generator") is None:
-                kwargs["anchor_generator"] = AnchorGenerator(default_anchor_sizes(), ((0.5, 1.0, 2.0),) * NUM_LEVELS)
+                kwargs["anchor_generator"] = CachedAnchorGenerator(default_anchor_sizes(),
+                                                                   ((0.5, 1.0, 2.0),) * NUM_LEVELS)
             num_anchors = kwargs["anchor_generator"].num_anchors_per_location()[0]
             kwargs["head"] = _retinanet_head(backbone.out_channels, num_anchors, num_classes, {"type": "focal"})
         head_classes = getattr(getattr(kwargs["head"], "classification_head", None), "num_classes", num_classes)
@@ -185,15 +315,46 @@ class FocalRetinaNet(RetinaNet):
         The heads see the targets without crowd boxes, and ``matched_idxs`` index into
         those.
         """
-        matched_idxs = []
-        head_targets = []
-        for anchors_per_image, targets_per_image in zip(anchors, targets):
-            kept, crowd_boxes = split_crowd(targets_per_image)
-            matched_idxs.append(match_anchors(anchors_per_image, kept["boxes"], self.proposal_matcher,
-                                              crowd_boxes, self.crowd_ioa_thresh))
+        head_targets, crowd_boxes = [], []
+        for targets_per_image in targets:
+            kept, crowd = split_crowd(targets_per_image)
             head_targets.append(kept)
+            crowd_boxes.append(crowd)
+        matched_idxs = self.match(anchors, [kept["boxes"] for kept in head_targets], crowd_boxes)
         # Heads that need box quality (QFL, VFL) also get the IoU targets of box_quality_targets.
         return retinanet_head_loss(self.head, head_targets, head_outputs, anchors, matched_idxs, self.box_coder)
+
+    def match(self, anchors: list[Tensor], boxes: list[Tensor], crowd_boxes: list[Tensor | None]) -> list[Tensor]:
+        """The crowd-aware ``matched_idxs`` of every image (see :func:`match_anchors`).
+
+        With torchvision's ``Matcher`` the batch is matched in one call of
+        :func:`match_anchors_batched`, or image by image where its ``[B, M, N]`` IoU would
+        pass ``MATCH_BATCH_ELEMENTS``; any other ``proposal_matcher`` is called image by
+        image through :func:`match_anchors`. All give the same result.
+
+        Args:
+            anchors: one ``[N, 4]`` tensor per image (one shared tensor from
+                :class:`CachedAnchorGenerator`).
+            boxes: one ``[M_i, 4]`` tensor of non-crowd boxes per image.
+            crowd_boxes: one ``[K_i, 4]`` tensor of crowd boxes, or None, per image.
+
+        Returns:
+            One ``[N]`` int64 tensor per image: box index, -1 background or -2 ignored.
+        """
+        if not boxes:
+            return []
+        if type(self.proposal_matcher) is not Matcher:  # noqa: E721 (a subclass may change the rules)
+            return [match_anchors(a, b, self.proposal_matcher, c, self.crowd_ioa_thresh)
+                    for a, b, c in zip(anchors, boxes, crowd_boxes)]
+        most_boxes = max([b.shape[0] for b in boxes] + [c.shape[0] for c in crowd_boxes if c is not None] + [1])
+        if all(a.shape == anchors[0].shape for a in anchors) \
+                and len(boxes) * most_boxes * anchors[0].shape[0] <= MATCH_BATCH_ELEMENTS:
+            # CachedAnchorGenerator gives every image the same tensor: broadcast it rather than stack copies.
+            shared = anchors[0] if all(a is anchors[0] for a in anchors) else torch.stack(anchors)
+            matched = match_anchors_batched(shared, boxes, self.proposal_matcher, crowd_boxes, self.crowd_ioa_thresh)
+            return list(matched.unbind(0))
+        return [match_anchors_batched(a, [b], self.proposal_matcher, [c], self.crowd_ioa_thresh)[0]
+                for a, b, c in zip(anchors, boxes, crowd_boxes)]
 
 
 # --------------------------------------------------------------------------------------
@@ -205,7 +366,7 @@ def default_anchor_sizes() -> tuple[tuple[int, ...], ...]:
 
 
 def _anchor_generator(anchor_sizes: Sequence[int | Sequence[int]] | None,
-                      aspect_ratios: Sequence[float] | Sequence[Sequence[float]]) -> AnchorGenerator:
+                      aspect_ratios: Sequence[float] | Sequence[Sequence[float]]) -> CachedAnchorGenerator:
     # Per level: one size (an int) or a tuple of sizes.
     sizes = default_anchor_sizes() if anchor_sizes is None else tuple(
         (int(level),) if isinstance(level, (int, float)) else tuple(int(size) for size in level)
@@ -220,7 +381,7 @@ def _anchor_generator(anchor_sizes: Sequence[int | Sequence[int]] | None,
     if len(ratios) != NUM_LEVELS or len({len(level) for level in ratios}) != 1 or not ratios[0]:
         raise ValueError(f"aspect_ratios must be one tuple of ratios, or {NUM_LEVELS} tuples of equal length, "
                          f"got {aspect_ratios!r}")
-    return AnchorGenerator(sizes, ratios)
+    return CachedAnchorGenerator(sizes, ratios)
 
 
 def _norm_layer(norm: str, channels: int) -> Callable[..., nn.Module] | None:
@@ -348,10 +509,12 @@ def convert_retinanet(model: RetinaNet, *, num_classes: int | None = None, crowd
     Why a new object rather than swapping ``__class__`` or mutating ``model``: a new
     :class:`FocalRetinaNet` built through its public constructor from the input's own
     modules is an ordinary instance of the subclass, and the input keeps working as it
-    was. The two share the backbone, anchor generator, matcher, regression head,
-    transform and box coder (no copies; ``copy.deepcopy`` the input first if they must
-    train apart). The new :class:`~detfocal.modeling.heads.FocalClassificationHead` is loaded
-    with the input's classification weights, so outputs are identical.
+    was. The two share the backbone, matcher, regression head, transform and box coder
+    (no copies; ``copy.deepcopy`` the input first if they must train apart). A stock
+    ``AnchorGenerator`` is replaced by a :class:`CachedAnchorGenerator` of the same sizes
+    and ratios (the same anchors, computed once per batch shape); any other is shared.
+    The new :class:`~detfocal.modeling.heads.FocalClassificationHead` is loaded with the
+    input's classification weights, so outputs are identical.
 
     Args:
         model: a torchvision ``RetinaNet`` whose head has ``classification_head`` and
@@ -399,8 +562,11 @@ def convert_retinanet(model: RetinaNet, *, num_classes: int | None = None, crowd
     head = RetinaNetHead(in_channels, num_anchors, model_classes, norm_layer=norm_layer)
     head.classification_head = focal
     head.regression_head = model.head.regression_head
+    anchor_generator = model.anchor_generator
+    if type(anchor_generator) is AnchorGenerator:  # noqa: E721 (a subclass may place anchors otherwise)
+        anchor_generator = CachedAnchorGenerator(anchor_generator.sizes, anchor_generator.aspect_ratios)
     converted = FocalRetinaNet(model.backbone, model_classes, crowd_ioa_thresh=crowd_ioa_thresh,
-                               anchor_generator=model.anchor_generator, head=head,
+                               anchor_generator=anchor_generator, head=head,
                                proposal_matcher=model.proposal_matcher, score_thresh=model.score_thresh,
                                nms_thresh=model.nms_thresh, detections_per_img=model.detections_per_img,
                                topk_candidates=model.topk_candidates)

@@ -1,0 +1,69 @@
+"""The benchmark's profile case: attribution of a torch.profiler trace to labelled components."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from detfocal import benchmark
+from detfocal.config import config_to_yaml, load_config
+
+from conftest import DEMO
+
+BACKWARD = benchmark.BACKWARD_PREFIX
+
+
+def profiled_steps(steps: int = 2):
+    """A conv labelled "A" and a linear layer labelled "B" (module hooks), trained ``steps`` steps."""
+    torch.manual_seed(0)
+    conv, linear = nn.Conv2d(3, 4, 3), nn.Linear(4 * 14 * 14, 2)
+    benchmark._label_module(conv, "A")
+    benchmark._label_module(linear, "B")
+    optimizer = torch.optim.SGD([*conv.parameters(), *linear.parameters()], lr=0.1)
+    images = torch.rand(2, 3, 16, 16)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            with record_function(benchmark.STEP_RANGE):
+                optimizer.zero_grad()
+                linear(conv(images).flatten(1)).square().sum().backward()
+                optimizer.step()
+    return prof.events()
+
+
+def test_profile_rows_partition_the_steps_and_backward_follows_the_forward_label(one_thread):
+    events = profiled_steps()
+    rows, step_us, steps = benchmark.attribute_profile(events, ["A", "B"])
+    assert steps == 2
+    assert sum(total for total, _ in rows.values()) == pytest.approx(step_us, rel=1e-6)
+
+    def backward_of(*names):
+        return sum(e.cpu_time_total for e in events if e.name in {BACKWARD + name for name in names})
+
+    # The profiler's own backward nodes, by name: the conv's is A's, the linear layer's (addmm and
+    # the weight's transpose) are B's, whatever thread order and sequence numbers they came with.
+    assert rows["A"][1] == pytest.approx(backward_of("ConvolutionBackward0"), rel=1e-6)
+    assert rows["B"][1] == pytest.approx(backward_of("AddmmBackward0", "TBackward0"), rel=1e-6)
+    forward_a = sum(e.cpu_time_total for e in events if e.name == "A")
+    assert rows["A"][0] - rows["A"][1] == pytest.approx(forward_a, rel=1e-6)
+    assert rows["optimizer step"][0] > 0 and rows[benchmark.OTHER][1] > 0  # SGD's range; AccumulateGrad, square
+
+
+@pytest.mark.slow
+def test_profile_case_of_a_tiny_config_reports_every_component(tmp_path, tiny):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(config_to_yaml(load_config(DEMO, tiny)))
+    result = benchmark._profile_case({"config": str(config), "batch": 2, "repeats": 1})
+    rows = result["rows"]
+    for name in benchmark.PROFILE_ROWS:
+        assert rows[name][0] > 0, name
+    assert sum(ms for ms, _ in rows.values()) - rows[benchmark.DATA][0] == pytest.approx(result["step_ms"], rel=1e-6)
+    assert rows["backbone"][1] > 0 and rows["head convs"][1] > 0  # their backward found its forward label
+    assert 0 < result["decode_ms_per_image"] < result["data_ms_per_image"]
+    table = benchmark.profile_table(result)
+    assert "| matching |" in table and "Non-convolution share" in table
+
+
+def test_profile_case_names_a_missing_config():
+    with pytest.raises(FileNotFoundError, match="--config: missing.yaml does not exist"):
+        benchmark.main(["--cases", "profile", "--config", "missing.yaml"])
