@@ -110,7 +110,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, ti
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet18().state_dict(), weights)
     common = tiny + [f"model.weights_backbone={weights}", "data.augment={hflip: 0.0}",
-                                                    "train.max_iters=2"]
+                                                    "train.max_iters=2", "train.patience=5"]  # patience: a collective
     single = run_tool("tools/train.py", str(DEMO), "--output-dir", str(tmp_path / "one"), "--set", *common,
                       "train.batch_size=2")
     assert single.returncode == 0, single.stderr[-2000:]

@@ -469,7 +469,8 @@ def _train(cfg: Any, out_dir: Path, resume: str | Path | bool | None, overwrite:
             record = {"type": "epoch", "epoch": epoch, "step": iteration, "lr": lr, "seconds": seconds,
                       "images_per_s": images_seen / max(seconds, 1e-9), "skipped_steps": skipped_steps,
                       **{name: total / max(steps, 1) for name, total in sums.items()}}
-            if (epoch + 1) % cfg.eval.interval == 0 or finished:
+            evaluated = (epoch + 1) % cfg.eval.interval == 0 or finished
+            if evaluated:
                 # fp32 inference, as torchvision's references: 16-bit box regression loses whole pixels.
                 evaluator = CocoEvaluator(val_set.coco, val_set.label_to_category_id, backend=cfg.eval.backend)
                 summary = evaluate(eval_model, val_loader, evaluator, device, is_main=is_main, progress=interactive)
@@ -496,7 +497,8 @@ def _train(cfg: Any, out_dir: Path, resume: str | Path | bool | None, overwrite:
                 if is_main:
                     print(f"interrupted: stopped at the end of epoch {epoch}; resume with --resume", file=sys.stderr)
                 raise KeyboardInterrupt
-            if "AP" in record and world_size > 1:  # rank 0 decides early stopping; every rank follows
+            if cfg.train.patience is not None and evaluated and world_size > 1:
+                # Only rank 0 has the AP: it decides early stopping, every rank follows (a collective).
                 verdict = torch.tensor(float(evaluations_since_best), device=device)
                 evaluations_since_best = int(all_reduce_sum(verdict).item())
             if cfg.train.patience is not None and evaluations_since_best >= cfg.train.patience:
