@@ -26,7 +26,7 @@ Loading rules:
 
 Classes never see a ``Config``: the ``*_kwargs`` functions at the bottom map it to the plain
 keyword arguments of ``build_retinanet``, ``CocoDetection``, ``build_transforms``,
-``build_optimizer`` and ``build_scheduler``.
+``build_optimizer`` and ``build_lr_schedule``.
 """
 from __future__ import annotations
 
@@ -605,7 +605,7 @@ def optimizer_kwargs(cfg: Config) -> dict[str, Any]:
 
 
 def scheduler_kwargs(cfg: Config) -> dict[str, Any]:
-    """Keyword arguments of ``engine.build_scheduler`` (besides the optimizer and total_iters)."""
+    """Keyword arguments of ``engine.optim.build_lr_schedule`` (besides total_iters)."""
     train = cfg.train
     return {"warmup_iters": train.warmup_iters, "warmup_factor": train.warmup_factor,
             "schedule": train.schedule.type, "steps": list(train.schedule.steps), "gamma": train.schedule.gamma,
