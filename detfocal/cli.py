@@ -39,12 +39,16 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
         return 130
 
 
+def _imports(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--import", dest="imports", nargs="+", action="extend", default=[], metavar="MODULE",
+                        help="import these modules first (they register custom heads, backbones or detectors)")
+
+
 def _overrides(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="override config keys, each value parsed as YAML: train.lr=0.02 "
                              "data.subset.categories=[person,dog]")
-    parser.add_argument("--import", dest="imports", nargs="+", action="extend", default=[], metavar="MODULE",
-                        help="import these modules first (they register custom heads, backbones or detectors)")
+    _imports(parser)
 
 
 def _import_modules(names: Sequence[str]) -> None:
@@ -196,8 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--min-draw-size", type=int, default=512, metavar="PX",
                      help="enlarge smaller images by a whole factor until their longer side reaches PX before "
                           "drawing, so labels stay readable (default 512, at most 4096; 0: input size)")
-    sub.add_argument("--import", dest="imports", nargs="+", action="extend", default=[], metavar="MODULE",
-                     help="import these modules first (custom heads, backbones or detectors)")
+    _imports(sub)
 
     sub = command("export", _export, "export a checkpoint's detector (NMS included) to ONNX")
     sub.add_argument("checkpoint", type=Path, help="a .pth written by detfocal train")
@@ -207,8 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--opset", type=int, default=17, help="ONNX opset, 11-20 (default 17)")
     sub.add_argument("--score-thresh", type=float, help="lowest score kept (default: the checkpoint's)")
     sub.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    sub.add_argument("--import", dest="imports", nargs="+", action="extend", default=[], metavar="MODULE",
-                     help="import these modules first (custom heads, backbones or detectors)")
+    _imports(sub)
 
     sub = command("subset", _subset, "write a subset of a COCO annotation file")
     sub.add_argument("annotations", help="COCO instances json")

@@ -333,6 +333,16 @@ def _same_weights(a: Path, b: Path) -> None:
         assert torch.equal(value, second["model"][key]), key
 
 
+def _straight_and_resumed(tmp_path: Path, common: list[str]) -> None:
+    """Train ``common`` for 2 epochs into tmp_path/straight; and into tmp_path/resumed, stopped after
+    2 iterations (as if killed) and then resumed from its last.pth."""
+    assert cli_main(["train", DEMO, "--output-dir", str(tmp_path / "straight"), "--set", *common]) == 0
+    assert cli_main(["train", DEMO, "--output-dir", str(tmp_path / "resumed"), "--set", *common,
+                     "train.max_iters=2"]) == 0
+    assert load_checkpoint(tmp_path / "resumed" / "last.pth")["iteration"] == 2
+    assert cli_main(["train", DEMO, "--output-dir", str(tmp_path / "resumed"), "--resume", "--set", *common]) == 0
+
+
 @pytest.mark.slow
 def test_train_is_a_library_call_returning_a_summary(tmp_path, tiny, one_thread):
     summary = detfocal.train(DEMO, tmp_path / "run", overrides=[*tiny, "train.max_iters=2"])
@@ -345,11 +355,7 @@ def test_two_epochs_equal_one_epoch_plus_resume(tmp_path, tiny, one_thread):
     # A step schedule: a cosine one would depend on max_iters, which the interrupted run changes.
     common = tiny + ["train.epochs=2", "train.deterministic=true", "eval.interval=5",
                      "train.schedule={type: step, steps: [3]}", "data.augment={hflip: 0.5, scale_jitter: [0.8, 1.2]}"]
-    assert cli_main(["train", DEMO, "--output-dir", str(tmp_path / "straight"), "--set", *common]) == 0
-    assert cli_main(["train", DEMO, "--output-dir", str(tmp_path / "resumed"), "--set", *common,
-                     "train.max_iters=2"]) == 0
-    assert load_checkpoint(tmp_path / "resumed" / "last.pth")["iteration"] == 2
-    assert cli_main(["train", DEMO, "--output-dir", str(tmp_path / "resumed"), "--resume", "--set", *common]) == 0
+    _straight_and_resumed(tmp_path, common)
     _same_weights(tmp_path / "straight" / "last.pth", tmp_path / "resumed" / "last.pth")
 
 
@@ -498,10 +504,7 @@ def test_ema_follows_the_ramped_decay_formula_and_copies_integer_buffers():
 def test_ema_weights_are_evaluated_saved_and_resumed_exactly(tmp_path, tiny, one_thread):
     common = tiny + ["train.epochs=2", "train.deterministic=true", "eval.interval=5",
                      "train.ema={decay: 0.9, warmup_iters: 2}", "train.schedule={type: step, steps: [3]}"]
-    assert cli_main(["train", DEMO, "--output-dir", str(tmp_path / "straight"), "--set", *common]) == 0
-    assert cli_main(["train", DEMO, "--output-dir", str(tmp_path / "resumed"), "--set", *common,
-                     "train.max_iters=2"]) == 0
-    assert cli_main(["train", DEMO, "--output-dir", str(tmp_path / "resumed"), "--resume", "--set", *common]) == 0
+    _straight_and_resumed(tmp_path, common)
     straight, resumed = (load_checkpoint(tmp_path / name / "last.pth") for name in ("straight", "resumed"))
     assert straight["ema_updates"] == resumed["ema_updates"] == 4
     for key, value in straight["ema"].items():

@@ -129,6 +129,20 @@ def check_compatible(checkpoint: Mapping[str, Any], config: Any, num_classes: in
         raise ValueError(f"checkpoint {source} holds another model; checkpoint: {before}; config: {now}")
 
 
+def _compare(own: Mapping[str, Any], state: Mapping[str, Any]) -> tuple[dict[str, Any], list[str], list[str], list[str]]:
+    """``(tensors that fit, keys of another shape, keys missing from state, keys only in state)``."""
+    fits = {key: value for key, value in state.items()
+            if key in own and torch.is_tensor(value) and tuple(value.shape) == tuple(own[key].shape)}
+    reshaped = sorted(key for key in state if key in own and key not in fits)
+    missing = sorted(key for key in own if key not in state)
+    unexpected = sorted(key for key in state if key not in own)
+    return fits, reshaped, missing, unexpected
+
+
+def _listed(keys: list[str], most: int = 4) -> str:
+    return ", ".join(keys[:most]) + (f" (+{len(keys) - most} more)" if len(keys) > most else "")
+
+
 def load_weights(model: nn.Module, state_dict: Mapping[str, Any], *, source: str) -> None:
     """``model.load_state_dict(state_dict)`` with a one-line error instead of the size-mismatch wall.
 
@@ -136,13 +150,11 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, Any], *, source: str
         ValueError: missing, unexpected or differently shaped keys (the first few are named).
     """
     own = model.state_dict()
-    missing = [key for key in own if key not in state_dict]
-    unexpected = [key for key in state_dict if key not in own]
-    shapes = [f"{key} {tuple(state_dict[key].shape)} vs {tuple(value.shape)}" for key, value in own.items()
-              if key in state_dict and tuple(state_dict[key].shape) != tuple(value.shape)]
-    problems = [f"{label}: {', '.join(items[:3])}" + (f" (+{len(items) - 3} more)" if len(items) > 3 else "")
-                for label, items in (("missing", missing), ("unexpected", unexpected),
-                                     ("shape differs (checkpoint vs model)", shapes)) if items]
+    _, reshaped, missing, unexpected = _compare(own, state_dict)
+    shapes = [f"{key} {tuple(state_dict[key].shape)} vs {tuple(own[key].shape)}" for key in reshaped]
+    problems = [f"{label}: {_listed(items, 3)}" for label, items in
+                (("missing", missing), ("unexpected", unexpected), ("shape differs (checkpoint vs model)", shapes))
+                if items]
     if problems:
         raise ValueError(f"checkpoint {source} does not fit the model; " + "; ".join(problems))
     model.load_state_dict(state_dict)
@@ -166,24 +178,17 @@ def load_detector_weights(model: nn.Module, path: str | Path) -> str:
     if isinstance(state.get("model"), Mapping):
         state = state.get("ema") or state["model"]
     own = model.state_dict()
-    fits = {key: value for key, value in state.items()
-            if key in own and torch.is_tensor(value) and value.shape == own[key].shape}
-    reinitialised = sorted(key for key in state if key in own and key not in fits)
+    fits, reinitialised, missing, unexpected = _compare(own, state)
     # FrozenBatchNorm2d (torchvision's pretrained backbones) has no num_batches_tracked: not a loss.
-    missing = sorted(key for key in own if key not in state and not key.endswith("num_batches_tracked"))
-    unexpected = sorted(key for key in state if key not in own)
+    missing = [key for key in missing if not key.endswith("num_batches_tracked")]
     if not fits:
         raise ValueError(f"model.weights: no tensor of {path} fits the model (it holds {sorted(state)[:4]} ...)")
     model.load_state_dict(fits, strict=False)
-
-    def listed(keys: list[str]) -> str:
-        return ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
-
     line = f"model.weights: loaded {len(fits)} of {len(own)} tensors from {path}"
     if reinitialised:
-        line += f"; re-initialised (other shape, e.g. another class count): {listed(reinitialised)}"
+        line += f"; re-initialised (other shape, e.g. another class count): {_listed(reinitialised)}"
     if missing:
-        line += f"; not in the file: {listed(missing)}"
+        line += f"; not in the file: {_listed(missing)}"
     if unexpected:
-        line += f"; in the file but not the model: {listed(unexpected)}"
+        line += f"; in the file but not the model: {_listed(unexpected)}"
     return line

@@ -82,8 +82,6 @@ def prepare_output_dir(out_dir: Path, *, resuming: bool, overwrite: bool) -> lis
         ValueError: the folder holds a run (and neither ``resuming`` nor ``overwrite``), is a
             file, or cannot be created or written.
     """
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"--output-dir {out_dir} is a file, expected a folder")
     existing = [out_dir / name for name in RUN_FILES if (out_dir / name).exists()]
     if existing and not resuming:
         if not overwrite:
