@@ -156,7 +156,7 @@ def _loss_case(spec: dict[str, Any]) -> dict[str, Any]:
         def step() -> None:
             logits.grad = None
             num_foreground = (labels >= 0).logical_and(labels < base.shape[-1]).sum().clamp(min=1)
-            (sigmoid_focal_loss(logits, labels, 0.25, 2.0, "sum") / num_foreground).backward()
+            sigmoid_focal_loss(logits, labels, 0.25, 2.0, "sum", normalizer=num_foreground).backward()
     elif impl in ("detfocal_head", "detfocal_head_fp16"):
         os.environ["DETFOCAL_COMPILE"] = spec.get("compile", "auto")
         from detfocal.modeling.heads import FocalClassificationHead

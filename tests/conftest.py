@@ -77,3 +77,14 @@ def assert_half_grad_matches_float64(loss_fn, inputs: torch.Tensor, scale: float
                                           f"{unscaled[worst].item()!r} for float64 {ref[~overflow][worst].item()!r}")
     must_be_nonzero = scaled_ref.abs() >= smallest_subnormal
     assert bool((got[must_be_nonzero] != 0).all()), f"scale {scale:g}: gradients flushed to zero"
+
+
+def backward_ops_on(shape, loss_fn):
+    """Names of the ops that touched data of tensors of ``shape`` during ``loss_fn().backward()``."""
+    from torch.profiler import profile
+
+    loss = loss_fn()
+    with profile(record_shapes=True) as prof:
+        loss.backward()
+    return sorted({e.name for e in prof.events() if any(list(s) == list(shape) for s in e.input_shapes or [])
+                   and e.name.startswith("aten::") and e.name not in ("aten::detach", "aten::view")})

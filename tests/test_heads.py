@@ -16,7 +16,7 @@ from torch import nn
 from torchvision.models.detection.retinanet import RetinaNetClassificationHead
 from torchvision.ops import box_iou
 
-from conftest import LOSS_SCALES, assert_half_grad_matches_float64
+from conftest import LOSS_SCALES, assert_half_grad_matches_float64, backward_ops_on
 from detfocal.modeling.heads import FocalClassificationHead, focal_head_loss, labels_from_matched_idxs
 from detfocal.modeling.quality_heads import QualityFocalClassificationHead, VarifocalClassificationHead
 
@@ -83,6 +83,22 @@ def test_batch_normalization_equals_sum_over_total_positives_float64():
     got.backward()
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(got_logits.grad, expected_logits.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("normalization", ["batch", "ema"])
+def test_head_loss_divides_in_forward_so_backward_makes_no_pass_over_the_logits(normalization):
+    logits, targets, matched_idxs = make_batch()
+    labels = labels_from_matched_idxs(targets, matched_idxs, NUM_CLASSES)
+    logits.requires_grad_()
+    ema = torch.tensor([100.0]) if normalization == "ema" else None
+    ops = backward_ops_on(logits.shape, lambda: focal_head_loss(logits, labels, normalization=normalization,
+                                                                num_foreground_ema=ema))
+    assert ops == []
+    num_positive = int(((labels >= 0) & (labels < NUM_CLASSES)).sum())
+    divide_by = num_positive if normalization == "batch" else float(ema)
+    x64 = logits.detach().double().requires_grad_()
+    (reference_focal_sum(x64, labels) / divide_by).backward()
+    torch.testing.assert_close(logits.grad.double(), x64.grad, rtol=1e-5, atol=1e-9)
 
 
 def test_labels_from_matched_idxs_gathers_box_labels_background_and_ignore():

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torchvision.ops import sigmoid_focal_loss as tv_sigmoid_focal_loss
 
-from conftest import LOSS_SCALES, assert_half_grad_matches_float64
+from conftest import LOSS_SCALES, assert_half_grad_matches_float64, backward_ops_on
 from detfocal import SigmoidFocalLoss, sigmoid_focal_loss, softmax_focal_loss
 from detfocal.losses import (focal_loss_with_probs, quality_focal_loss, sigmoid_focal_loss_star,
                              varifocal_loss)
@@ -553,6 +553,55 @@ def test_alpha_tensor_gradient_matches_float64_autograd(reduction):
             (expected,) = torch.autograd.grad((ref * upstream).sum(), ref_a)
             torch.testing.assert_close(out, ref)
             torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("targets", ["labels", "float"])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("normalizer", [7.0, torch.tensor(0.37), torch.tensor([1e-3], dtype=torch.float64)])
+def test_normalizer_divides_the_reduced_loss_and_its_gradient_as_float64(targets, reduction, normalizer):
+    torch.manual_seed(0)
+    logits = torch.randn(3, 40, 5) * 3
+    labels = torch.randint(-1, 6, (3, 40))
+    one_hot = F.one_hot(labels.clamp(min=0), 6)[..., :5].float()
+    target = labels if targets == "labels" else one_hot
+    keep = (labels != -1).unsqueeze(-1).double() if targets == "labels" else torch.ones_like(one_hot, dtype=torch.float64)
+    reference = _reference_focal64(logits, one_hot, 0.25, 2.0) * keep
+    count = keep.expand(3, 40, 5).sum() if reduction == "mean" else 1.0
+    divide_by = float(normalizer) * count
+    z64 = logits.double().requires_grad_(True)
+    (_reference_focal64(z64, one_hot, 0.25, 2.0) * keep).sum().div(divide_by).backward()
+    got, grad = _value_and_grad(sigmoid_focal_loss, logits, target, reduction=reduction, normalizer=normalizer)
+    torch.testing.assert_close(got.double(), reference.sum() / divide_by, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad.double(), z64.grad, rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("bad, reduction, match", [
+    (0.0, "sum", "normalizer holds 0.0, expected a finite real > 0"),
+    (-2, "sum", "normalizer holds -2.0"),
+    (float("nan"), "mean", "normalizer holds nan"),
+    (torch.tensor([1.0, 2.0]), "sum", "one-element real tensor, got a torch.float32 tensor of shape \\(2,\\)"),
+    ("3", "sum", "normalizer holds '3'"),
+    (2.0, "none", "got reduction='none'"),
+])
+def test_bad_normalizer_raises_value_error_naming_it(bad, reduction, match):
+    with pytest.raises(ValueError, match=match):
+        sigmoid_focal_loss(torch.randn(2, 3), torch.tensor([0, 3]), reduction=reduction, normalizer=bad)
+
+
+@pytest.mark.parametrize("normalizer", [None, 12.0], ids=["sum", "normalised"])
+def test_plain_backward_hands_the_saved_gradient_to_the_leaf_without_a_pass(normalizer):
+    logits = (torch.randn(2, 300, 8) * 2).requires_grad_()
+    labels = torch.randint(-1, 9, (2, 300))
+    ops = backward_ops_on(logits.shape, lambda: sigmoid_focal_loss(logits, labels, reduction="sum",
+                                                                    normalizer=normalizer))
+    assert ops == []  # no multiply and no copy into .grad: the buffer the forward wrote is the gradient
+    x64 = logits.detach().double().requires_grad_()
+    one_hot = F.one_hot(labels.clamp(min=0), 9)[..., :8].double()
+    (_reference_focal64(x64, one_hot, 0.25, 2.0) * (labels != -1).unsqueeze(-1)).sum().div(normalizer or 1).backward()
+    torch.testing.assert_close(logits.grad.double(), x64.grad, rtol=1e-4, atol=1e-8)
+    # A loss weight or a GradScaler's scale is one in-place multiply, still no copy.
+    logits.grad = None
+    assert backward_ops_on(logits.shape, lambda: 3 * sigmoid_focal_loss(logits, labels, reduction="sum")) == ["aten::mul_"]
 
 
 def test_backward_twice_through_retained_graph_is_correct():

@@ -1,31 +1,36 @@
 """Saved-gradient autograd: losses whose gradient is computed in the forward pass.
 
 NVIDIA apex's pattern. The forward pass computes the loss and its analytic gradient
-together and keeps only the gradient; backward is one multiply by the upstream gradient.
-At most one logits-sized tensor stays alive between forward and backward.
+together and keeps only the gradient; backward is at most one multiply by the upstream
+gradient. At most one logits-sized tensor stays alive between forward and backward.
 
-A loss plugs in as ``fn(*inputs, needs) -> (loss, grads, divisor)``:
+A loss plugs in as ``fn(*inputs, needs) -> (loss, grads)``:
 
 - ``inputs``: the logits first, then any other tensor (or None) the loss may
   differentiate, such as soft targets or an alpha tensor;
 - ``needs``: one bool per input, whether its gradient is wanted;
-- ``grads``: one tensor (or None) per input, d(loss before any "mean" division)/d input,
-  either of the input's shape or broadcast to the loss's shape (it is summed back);
-- ``divisor``: None, or the scalar a "mean" loss was divided by. Backward divides the
-  upstream gradient by it instead of dividing the saved gradient in forward: one
-  logits-sized pass less, and no division in low precision.
+- ``grads``: one tensor (or None) per input, d loss / d input, either of the input's
+  shape or broadcast to the loss's shape (it is summed back). The logits' gradient must be
+  a tensor ``fn`` made: it is scaled in place.
+
+Normalisers live in the forward pass. A "mean" loss, or a "sum" divided by a normaliser
+(the head's positive count), divides its gradient there, inside the same fused kernel
+under ``torch.compile`` (:func:`reduce_loss_and_grad`). A plain ``loss.backward()`` then
+sends an upstream gradient of exactly 1, and backward hands the saved gradient on with
+no pass over it at all: the memory floor of a loss is one read of the logits and one
+write of the gradient.
 
 Precision of fp16/bf16 inputs: the gradient is computed and kept in fp32. Backward
-multiplies it by the upstream gradient (GradScaler's loss scale, a normaliser, the mean's
-divisor) in fp32 and rounds the product once to the input's dtype. Storing the gradient
-in fp16 before that multiply flushes small gradients to 0 before GradScaler can lift
-them, and the scale 65536 itself is inf in fp16. The cost is 2 bytes per element more
-between forward and backward (fp16 [2, 200000, 80]: 122 MiB instead of 61 MiB); backward
-writes the product in 1M-element chunks, so it adds only the fp16 result. Being computed
-in fp32, a bf16 gradient is exact to fp32's precision, which only matters for magnitudes
-below fp32's normal range (1e-38), where fp32 itself loses bits. fp32 and fp64 inputs
-keep their gradient in their own dtype and, for a scalar loss, scale it in place: no
-second logits-sized allocation.
+multiplies it by the upstream gradient (GradScaler's loss scale) in fp32 and rounds the
+product once to the input's dtype. Storing the gradient in fp16 before that multiply
+flushes small gradients to 0 before GradScaler can lift them, and the scale 65536 itself
+is inf in fp16. The cost is 2 bytes per element more between forward and backward (fp16
+[2, 200000, 80]: 122 MiB instead of 61 MiB); backward writes the product in 1M-element
+chunks, so it adds only the fp16 result. fp32 and fp64 inputs keep their gradient in
+their own dtype and, for a scalar loss, scale it in place: no second logits-sized
+allocation. On the last backward through the graph (no ``retain_graph``) the saved
+gradient is released as it is handed on, so autograd stores it as the leaf's ``.grad``
+instead of copying it.
 """
 from __future__ import annotations
 
@@ -34,41 +39,70 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["LossAndGrads", "LossFn", "RowwiseSavedGradFunction", "SavedGradFunction", "reduce_loss_and_grad", "saved_grad_loss"]
+__all__ = ["LossAndGrads", "LossFn", "RowwiseSavedGradFunction", "SavedGradFunction", "combine_divisors",
+           "divide_loss_and_grads", "reduce_loss_and_grad", "saved_grad_loss"]
 
-LossAndGrads = tuple[Tensor, tuple[Tensor | None, ...], Tensor | None]
+LossAndGrads = tuple[Tensor, tuple[Tensor | None, ...]]
 LossFn = Callable[..., LossAndGrads]
 
 
 def reduce_loss_and_grad(loss: Tensor, grads: tuple[Tensor | None, ...], reduction: str,
-                         divisor: Tensor | None = None) -> LossAndGrads:
-    """Reduce an elementwise loss; the gradients stay as they are (see the module docstring).
+                         divisor: Tensor | None = None, normalizer: Tensor | None = None) -> LossAndGrads:
+    """Reduce an elementwise loss and divide the loss and its gradients alike.
 
     Args:
         loss: the elementwise loss.
-        grads: the elementwise gradients, one per input of the loss function.
+        grads: the elementwise gradients, one per input of the loss function; the first
+            (the logits') is divided in place.
         reduction: "none", "sum" or "mean".
         divisor: "mean" only: what to divide by (already clamped by the caller);
             default ``max(loss.numel(), 1)``.
+        normalizer: "sum" and "mean": a further positive divisor (a one-element tensor
+            without gradient), such as a detector's positive-anchor count.
 
     Returns:
-        ``(loss, grads, divisor)``: divisor is None unless ``reduction == "mean"``.
+        ``(loss, grads)``.
     """
     if reduction == "none":
-        return loss, grads, None
+        return loss, grads
     total = loss.sum()
     if reduction == "sum":
-        return total, grads, None
-    if divisor is None:
+        divisor = None
+    elif divisor is None:
         divisor = torch.tensor(max(loss.numel(), 1), dtype=loss.dtype, device=loss.device)
-    return total / divisor, grads, divisor
+    return divide_loss_and_grads(total, grads, divisor, normalizer)
+
+
+def divide_loss_and_grads(total: Tensor, grads: tuple[Tensor | None, ...], divisor: Tensor | None,
+                          normalizer: Tensor | None = None) -> LossAndGrads:
+    """``total / (divisor * normalizer)``, with the gradients divided alike (the logits' in place).
+
+    The gradients are multiplied by the reciprocal (one multiply per element, fused into
+    the gradient's kernel under ``torch.compile``); the loss itself is divided.
+    """
+    divisor = combine_divisors(divisor, normalizer, total.dtype)
+    if divisor is None:
+        return total, grads
+    inverse = 1.0 / divisor
+    first, *rest = grads
+    scaled = [None if first is None else first.mul_(inverse.to(first.dtype))]
+    scaled += [None if grad is None else grad * inverse.to(grad.dtype) for grad in rest]
+    return total / divisor, tuple(scaled)
+
+
+def combine_divisors(divisor: Tensor | None, normalizer: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """``divisor * normalizer`` as a 0-d ``dtype`` tensor, where either may be None (None: divide by nothing)."""
+    if normalizer is not None:
+        normalizer = normalizer.detach().reshape(()).to(dtype)
+        divisor = normalizer if divisor is None else divisor * normalizer
+    return divisor
 
 
 def saved_grad_loss(fn: LossFn, *inputs: Tensor | None, rowwise: bool = False) -> Tensor:
     """``fn``'s loss, through :class:`SavedGradFunction` when an input needs a gradient.
 
     Args:
-        fn: the loss function, ``fn(*inputs, needs) -> (loss, grads, divisor)``.
+        fn: the loss function, ``fn(*inputs, needs) -> (loss, grads)``.
         *inputs: the logits, then the other tensors ``fn`` may differentiate (or None).
         rowwise: the loss has shape ``logits.shape[:-1]`` (one value per row) and its
             upstream gradient is broadcast over the last dimension.
@@ -84,20 +118,37 @@ def saved_grad_loss(fn: LossFn, *inputs: Tensor | None, rowwise: bool = False) -
     return fn(*inputs, needs=needs)[0]
 
 
+def _graph_is_kept() -> bool:
+    """Whether the running backward keeps the graph (``retain_graph``), so another may follow.
+
+    Read from torch's autograd engine; where torch does not expose it, assume it is kept
+    (correct, at the cost of autograd copying the gradient into a leaf's ``.grad``).
+    """
+    getter = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if getter is None else bool(getter())
+
+
+def _is_one(scale: Tensor) -> bool:
+    """Whether a one-element upstream gradient is exactly 1 (checked on CPU only: elsewhere
+    reading it would stall the device, and a multiply there costs less than the wait)."""
+    return scale.device.type == "cpu" and scale.numel() == 1 and bool(scale.reshape(()) == 1)
+
+
 class SavedGradFunction(torch.autograd.Function):
     """Runs ``fn`` in forward, keeps only its gradients, and scales them in backward.
 
     For a scalar loss and fp32/fp64 logits, the first backward scales the saved gradient
-    in place and hands it on: no new logits-sized allocation, which on CPU costs as much
-    as the multiply itself. It records the scale it applied, so a later backward through
-    the same graph (``retain_graph``, ``gradcheck``) rescales by the ratio, out of place.
-    fp16/bf16 logits get a new tensor each time: the fp32 product, rounded once.
+    in place (not at all when the upstream gradient is 1) and hands it on: no new
+    logits-sized allocation, which on CPU costs as much as the multiply itself. It records
+    the scale it applied, so a later backward through the same graph (``retain_graph``,
+    ``gradcheck``) rescales by the ratio, out of place. fp16/bf16 logits get a new tensor
+    each time: the fp32 product, rounded once.
     """
 
     @staticmethod
     def forward(ctx, fn: LossFn, *inputs: Tensor | None) -> Tensor:  # type: ignore[override]
         needs = tuple(ctx.needs_input_grad[1:])
-        loss, grads, divisor = fn(*inputs, needs=needs)
+        loss, grads = fn(*inputs, needs=needs)
         saved: list[Tensor | None] = []
         for x, need, grad in zip(inputs, needs, grads):
             if need and grad is None:
@@ -108,7 +159,6 @@ class SavedGradFunction(torch.autograd.Function):
         # Plain attributes, not save_for_backward: backward updates the logits' gradient in
         # place, and these are intermediates (never inputs or outputs), so no version check is needed.
         ctx.grads = saved
-        ctx.divisor = divisor
         ctx.input_meta = [(x.dtype, x.shape) if isinstance(x, Tensor) else None for x in inputs]
         ctx.applied_scale = None
         return loss
@@ -121,10 +171,11 @@ class SavedGradFunction(torch.autograd.Function):
     @classmethod
     def input_grads(cls, ctx, grad_output: Tensor) -> list[Tensor | None]:
         upstream = cls.upstream(grad_output)
-        if ctx.divisor is not None:
-            upstream = upstream / ctx.divisor
+        grads = ctx.grads
+        if not _graph_is_kept():
+            ctx.grads = [None] * len(grads)  # the last backward: hand the buffers on, keep no reference
         result: list[Tensor | None] = []
-        for index, (grad, meta) in enumerate(zip(ctx.grads, ctx.input_meta)):
+        for index, (grad, meta) in enumerate(zip(grads, ctx.input_meta)):
             if grad is None:
                 result.append(None)
             elif index == 0:
@@ -132,6 +183,7 @@ class SavedGradFunction(torch.autograd.Function):
             else:
                 dtype, shape = meta
                 result.append((grad * upstream.to(grad.dtype)).sum_to_size(shape).to(dtype))
+        del grads
         return result
 
     @staticmethod
@@ -158,6 +210,8 @@ def _scale_logits_grad(ctx, grad: Tensor, upstream: Tensor, dtype: torch.dtype) 
     upstream = upstream.to(grad.dtype)
     if grad.dtype != dtype:
         # fp16/bf16 logits: multiply in fp32, round once when the product is stored.
+        if _is_one(upstream):
+            return grad.to(dtype)
         out = torch.empty(grad.shape, dtype=dtype, device=grad.device)
         _mul_in_chunks(grad, upstream.expand_as(grad) if upstream.dim() else upstream, out)
         return out
@@ -167,7 +221,7 @@ def _scale_logits_grad(ctx, grad: Tensor, upstream: Tensor, dtype: torch.dtype) 
     previous = ctx.applied_scale
     if previous is None:
         ctx.applied_scale = scale
-        return grad.mul_(scale)
+        return grad if _is_one(scale) else grad.mul_(scale)
     # A second backward (retain_graph, gradcheck): out of place, so the gradient handed out
     # the first time is not changed under the caller. A zero first scale wiped the buffer,
     # which cannot be undone.

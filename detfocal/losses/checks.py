@@ -190,3 +190,30 @@ def alpha_tensor(alpha: AlphaLike, logits: Tensor, dtype: torch.dtype) -> Tensor
         shaped = tensor
     check_unit_interval(tensor, "alpha")
     return shaped
+
+
+def normalizer_tensor(normalizer: Tensor | float | None, reduction: str, logits: Tensor,
+                      dtype: torch.dtype) -> Tensor | None:
+    """Validate a loss normaliser and return it as a 0-d ``dtype`` tensor on the logits' device.
+
+    A finite real > 0, or a one-element tensor read without gradient. A tensor's value is
+    checked where it lives on the CPU; on an accelerator reading it would stall the device.
+
+    Raises:
+        ValueError: reduction "none", a tensor of more than one element, or a value that
+            is not a finite real > 0.
+    """
+    if normalizer is None:
+        return None
+    if reduction == "none":
+        raise ValueError("normalizer divides a reduced loss, got reduction='none'; use 'sum' or 'mean'")
+    if isinstance(normalizer, Tensor):
+        if normalizer.numel() != 1 or normalizer.is_complex():
+            raise ValueError(f"normalizer must be a number or a one-element real tensor, got a {normalizer.dtype} "
+                             f"tensor of shape {tuple(normalizer.shape)}")
+        tensor = normalizer.detach().reshape(()).to(device=logits.device, dtype=dtype)
+        if tensor.device.type == "cpu":
+            check_real(tensor, "normalizer", low=0.0, low_open=True)
+        return tensor
+    value = check_real(normalizer, "normalizer", low=0.0, low_open=True)
+    return torch.tensor(value, dtype=dtype, device=logits.device)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import checks
-from .autograd import LossAndGrads, reduce_loss_and_grad, saved_grad_loss
+from .autograd import LossAndGrads, combine_divisors, reduce_loss_and_grad, saved_grad_loss
 from .checks import AlphaLike
 from .compile import select_backend
 
@@ -91,7 +91,7 @@ def focal_target_grads(z: Tensor, t: Tensor, alpha: Tensor | None, gamma: float,
 
 
 def focal_float_targets(z: Tensor, targets: Tensor, alpha: Tensor | None, gamma: float, reduction: str,
-                        label_smoothing: float, needs: tuple[bool, ...]) -> LossAndGrads:
+                        label_smoothing: float, normalizer: Tensor | None, needs: tuple[bool, ...]) -> LossAndGrads:
     """Float (soft or one-hot) targets of ``z``'s shape; ``needs``: gradients wanted for (z, targets, alpha)."""
     t = targets.to(z.dtype)
     if label_smoothing:
@@ -102,7 +102,7 @@ def focal_float_targets(z: Tensor, targets: Tensor, alpha: Tensor | None, gamma:
         grad_t, grad_alpha = focal_target_grads(z, t, alpha, gamma, needs[1], needs[2] and alpha is not None)
         if grad_t is not None and label_smoothing:
             grad_t = grad_t * (1 - label_smoothing)
-    return reduce_loss_and_grad(loss, (grad, grad_t, grad_alpha), reduction)
+    return reduce_loss_and_grad(loss, (grad, grad_t, grad_alpha), reduction, normalizer=normalizer)
 
 
 def hard_terms(z: Tensor, positive: bool, alpha: Tensor | None, gamma: float,
@@ -131,7 +131,8 @@ def hard_terms(z: Tensor, positive: bool, alpha: Tensor | None, gamma: float,
 
 
 def focal_int_targets(z: Tensor, labels: Tensor, alpha: Tensor | None, gamma: float, reduction: str,
-                      ignore_index: int, label_smoothing: float, needs: tuple[bool, ...]) -> LossAndGrads:
+                      ignore_index: int, label_smoothing: float, normalizer: Tensor | None,
+                      needs: tuple[bool, ...]) -> LossAndGrads:
     """Integer labels ``[...]``: c in [0, C) positive for class c, C background, ignore_index ignored.
 
     No one-hot: every element is computed as a negative, then the one positive column of
@@ -160,25 +161,27 @@ def focal_int_targets(z: Tensor, labels: Tensor, alpha: Tensor | None, gamma: fl
     pos_loss, pos_grad = terms(z_label, True, alpha_label)  # [..., 1]
     neg_loss_label, neg_grad_label = terms(z_label, False, alpha_label)  # [..., 1]
 
+    # The divisor of "mean" (non-ignored elements) and any normaliser are known from the
+    # labels before the loss, so they scale the gradient in the same pass that writes it.
+    count = (valid.sum() * num_classes).to(z.dtype).clamp(min=1) if reduction == "mean" else None
+    divisor = combine_divisors(count, normalizer, z.dtype)
+    row_scale = valid_f if divisor is None else valid_f / divisor  # [..., 1]: 0 on ignored rows
     if grad is not None:
         assert pos_grad is not None and neg_grad_label is not None
-        grad = grad.mul_(valid_f).scatter_(-1, index, torch.where(is_pos, pos_grad, neg_grad_label) * valid_f)
+        grad = grad.mul_(row_scale).scatter_(-1, index, torch.where(is_pos, pos_grad, neg_grad_label) * row_scale)
     grad_alpha = None
     if needs[1] and alpha is not None:
         t = torch.zeros_like(z).scatter_(-1, index, is_pos.to(z.dtype))  # one-hot; background, ignored rows 0
         if label_smoothing:
             t = t * (1 - label_smoothing) + label_smoothing / 2
-        grad_alpha = focal_target_grads(z, t, alpha, gamma, False, True)[1] * valid_f
+        grad_alpha = focal_target_grads(z, t, alpha, gamma, False, True)[1] * row_scale
     grads = (grad, grad_alpha)
     if reduction == "none":
         loss = loss.mul_(valid_f).scatter_(-1, index, torch.where(is_pos, pos_loss, neg_loss_label) * valid_f)
-        return loss, grads, None
+        return loss, grads
     correction = torch.where(is_pos, pos_loss - neg_loss_label, torch.zeros_like(pos_loss))
     total = (loss * valid_f).sum() + correction.sum()
-    if reduction == "sum":
-        return total, grads, None
-    count = (valid.sum() * num_classes).to(z.dtype).clamp(min=1)
-    return total / count, grads, count
+    return (total if divisor is None else total / divisor), grads
 
 
 def sigmoid_focal_loss(
@@ -190,6 +193,7 @@ def sigmoid_focal_loss(
     *,
     ignore_index: int = -1,
     label_smoothing: float = 0.0,
+    normalizer: Tensor | float | None = None,
 ) -> Tensor:
     """Sigmoid focal loss, FL(p_t) = -alpha_t (1 - p_t)^gamma log(p_t) (Lin et al. 2017, eq. 5).
 
@@ -209,6 +213,11 @@ def sigmoid_focal_loss(
             non-ignored elements, i.e. non-ignored rows * C; an all-ignored input gives 0).
         ignore_index: integer label of rows to ignore (integer targets only).
         label_smoothing: eps in [0, 1]; targets become t (1 - eps) + eps / 2.
+        normalizer: "sum" and "mean" only: a positive number (or one-element tensor, read
+            without gradient) the reduced loss is divided by, such as a detector's positive
+            count. Same value as dividing the result, but the division happens inside the
+            loss's own kernel, so a plain ``loss.backward()`` makes no pass over the
+            gradient.
 
     Returns:
         The loss in fp32 (fp64 for fp64 logits). Its gradient flows back in the logits'
@@ -220,7 +229,8 @@ def sigmoid_focal_loss(
         ValueError: non-floating logits or C = 0, targets of neither form, float targets
             outside [0, 1] or NaN, labels outside [0, C] other than ``ignore_index``
             (compared as their values, also for unsigned dtypes), gamma not a finite real
-            >= 0, alpha out of range, of the wrong type or shape, or an unknown reduction.
+            >= 0, alpha out of range, of the wrong type or shape, an unknown reduction, or a
+            normalizer that is not a finite number > 0 or comes with reduction "none".
 
     Example:
         >>> logits = torch.randn(2, 100, 80, requires_grad=True)
@@ -237,6 +247,7 @@ def sigmoid_focal_loss(
         raise ValueError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
     dtype = checks.compute_dtype(logits)
     alpha_t = checks.alpha_tensor(alpha, logits, dtype)
+    normalizer_t = checks.normalizer_tensor(normalizer, reduction, logits, dtype)
 
     if targets.is_floating_point():
         if targets.shape != logits.shape:
@@ -247,7 +258,7 @@ def sigmoid_focal_loss(
         float_fn = select_backend(focal_float_targets, logits)
 
         def soft_fn(z: Tensor, t: Tensor, a: Tensor | None, needs: tuple[bool, ...]) -> LossAndGrads:
-            return float_fn(z.to(dtype), t, a, gamma, reduction, label_smoothing, needs)
+            return float_fn(z.to(dtype), t, a, gamma, reduction, label_smoothing, normalizer_t, needs)
 
         return saved_grad_loss(soft_fn, logits, targets, alpha_t)
     if targets.dtype not in checks.INT_DTYPES:
@@ -257,7 +268,7 @@ def sigmoid_focal_loss(
     int_fn = select_backend(focal_int_targets, logits)
 
     def label_fn(z: Tensor, a: Tensor | None, needs: tuple[bool, ...]) -> LossAndGrads:
-        return int_fn(z.to(dtype), labels, a, gamma, reduction, ignore_index, label_smoothing, needs)
+        return int_fn(z.to(dtype), labels, a, gamma, reduction, ignore_index, label_smoothing, normalizer_t, needs)
 
     return saved_grad_loss(label_fn, logits, alpha_t)
 

@@ -28,8 +28,8 @@ from detfocal.losses import checks, sigmoid_focal_loss
 from detfocal.registry import HEADS
 
 __all__ = ["EMA_INITIAL_VALUE", "IGNORE_LABEL", "NORMALIZATIONS", "REDUCE_MODES", "FocalClassificationHead",
-           "check_reduce", "focal_head_loss", "labels_from_matched_idxs", "normalize_by_foreground", "reduce_group",
-           "stack_matched_idxs"]
+           "check_reduce", "focal_head_loss", "foreground_normalizer", "labels_from_matched_idxs",
+           "normalize_by_foreground", "reduce_group", "stack_matched_idxs"]
 
 NORMALIZATIONS = ("batch", "image", "ema")
 REDUCE_MODES = ("auto", "none")
@@ -181,36 +181,44 @@ def focal_head_loss(
         # sum / max(B, 1), not mean(): no images gives 0, not NaN.
         return (loss_per_image / num_foreground_per_image).sum() / max(cls_logits.shape[0], 1)
 
-    loss = sigmoid_focal_loss(cls_logits, labels, alpha, gamma, "sum", ignore_index=IGNORE_LABEL)
+    # The normaliser is known from the labels before the loss, so the loss divides by it
+    # inside its own kernel and a plain backward() makes no pass over the gradient.
     if normalization == "batch":
-        return normalize_by_foreground(loss, foreground, reduce)
-    assert num_foreground_ema is not None
-    num_foreground, world_size = _count_over(foreground, reduce_group(reduce))
-    if update_ema:
-        with torch.no_grad():
-            count = num_foreground.clamp(min=1).to(num_foreground_ema.dtype) / world_size  # per process
-            num_foreground_ema.mul_(ema_momentum).add_((1.0 - ema_momentum) * count)
-    # Clamped as "batch" clamps the global count at 1.
-    return loss / num_foreground_ema.detach().reshape(()).clamp(min=1 / world_size).to(loss.dtype)
+        normalizer = foreground_normalizer(foreground, reduce)
+    else:
+        assert num_foreground_ema is not None
+        num_foreground, world_size = _count_over(foreground, reduce_group(reduce))
+        if update_ema:
+            with torch.no_grad():
+                count = num_foreground.clamp(min=1).to(num_foreground_ema.dtype) / world_size  # per process
+                num_foreground_ema.mul_(ema_momentum).add_((1.0 - ema_momentum) * count)
+        # Clamped as "batch" clamps the global count at 1.
+        normalizer = num_foreground_ema.detach().reshape(()).clamp(min=1 / world_size)
+    return sigmoid_focal_loss(cls_logits, labels, alpha, gamma, "sum", ignore_index=IGNORE_LABEL,
+                              normalizer=normalizer)
 
 
-def normalize_by_foreground(loss_sum: Tensor, foreground: Tensor, reduce: ReduceLike = "auto") -> Tensor:
-    """The "batch" rule: ``loss_sum`` over max(1, positives of the global batch) / world size.
+def foreground_normalizer(foreground: Tensor, reduce: ReduceLike = "auto") -> Tensor:
+    """The "batch" rule's divisor: max(1, positives of the global batch) / world size.
 
     The count is all-reduced over :func:`reduce_group` ``(reduce)`` without gradient, so
-    DDP's averaging of W such losses gives exactly the gradient of one process holding
-    the whole global batch.
+    DDP's averaging of W losses divided by it gives exactly the gradient of one process
+    holding the whole global batch.
 
     Args:
-        loss_sum: the scalar loss summed over this process's batch.
         foreground: bool ``[B, N]`` (or any shape) marking this process's positive anchors.
         reduce: "auto", "none" or a process group, as in :func:`focal_head_loss`.
 
     Returns:
-        The normalised scalar loss.
+        A float32 0-d tensor without gradient.
     """
     num_foreground, world_size = _count_over(foreground, reduce_group(reduce))
-    return loss_sum * world_size / num_foreground.clamp(min=1).to(loss_sum.dtype)
+    return num_foreground.clamp(min=1).to(torch.float32) / world_size
+
+
+def normalize_by_foreground(loss_sum: Tensor, foreground: Tensor, reduce: ReduceLike = "auto") -> Tensor:
+    """The "batch" rule applied to a summed loss: ``loss_sum / foreground_normalizer(foreground, reduce)``."""
+    return loss_sum / foreground_normalizer(foreground, reduce).to(loss_sum.dtype)
 
 
 def stack_matched_idxs(matched_idxs: Sequence[Tensor] | Tensor, num_boxes: Sequence[int],
