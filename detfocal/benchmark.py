@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from detfocal.cli import run_cli
-from detfocal.engine.precision import cpu_description, cpu_supports_bf16
+from detfocal.engine.precision import cpu_description
 
 FEATURE_STRIDES = (8, 16, 32, 64, 128)
 # Where the eval case finds the real 100-image COCO sample, relative to the working directory.
@@ -205,32 +205,82 @@ def _loss_case(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def torchvision_twin(model: Any) -> Any:
+    """torchvision's stock ``RetinaNet`` with ``model``'s architecture and weights.
+
+    Stock everywhere detfocal differs: ``AnchorGenerator`` (anchors rebuilt every step),
+    per-image matching in ``RetinaNet.compute_loss``, ``RetinaNetClassificationHead`` (one-hot
+    focal loss per image) and ``LastLevelP6P7``; the backbone, FPN and head convolutions are
+    the same modules with the same weights.
+    """
+    import copy
+
+    from torchvision.models.detection import RetinaNet
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.retinanet import RetinaNetHead
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+    from detfocal.modeling.retinanet import infer_norm_layer
+
+    body = copy.deepcopy(model.backbone)
+    extra = body.fpn.extra_blocks
+    if isinstance(extra, LastLevelP6P7) and type(extra) is not LastLevelP6P7:
+        body.fpn.extra_blocks = LastLevelP6P7(extra.p6.in_channels, extra.p6.out_channels)
+    classification = model.head.classification_head
+    num_anchors = model.anchor_generator.num_anchors_per_location()[0]
+    num_classes = classification.cls_logits.out_channels // num_anchors
+    head = RetinaNetHead(classification.cls_logits.in_channels, num_anchors, num_classes,
+                         norm_layer=infer_norm_layer(classification.conv[0]) if len(classification.conv) else None)
+    head.classification_head.conv = copy.deepcopy(classification.conv)  # torchvision fixes 4 convs; ours may differ
+    stock = RetinaNet(body, num_classes, min_size=model.transform.min_size, max_size=model.transform.max_size,
+                      anchor_generator=AnchorGenerator(model.anchor_generator.sizes, model.anchor_generator.aspect_ratios),
+                      head=head, fg_iou_thresh=model.proposal_matcher.high_threshold,
+                      bg_iou_thresh=model.proposal_matcher.low_threshold, score_thresh=model.score_thresh,
+                      nms_thresh=model.nms_thresh, detections_per_img=model.detections_per_img,
+                      topk_candidates=model.topk_candidates, image_mean=model.transform.image_mean,
+                      image_std=model.transform.image_std)
+    result = stock.load_state_dict(model.state_dict(), strict=False)
+    if result.missing_keys or any(key != "head.classification_head.num_foreground_ema" for key in result.unexpected_keys):
+        raise RuntimeError(f"torchvision twin: missing {result.missing_keys}, unexpected {result.unexpected_keys}")
+    return stock.train(model.training)
+
+
+def _train_model(spec: dict[str, Any]) -> tuple[Any, int, int, int]:
+    """(detfocal model, image size, batch, classes) of a train spec: a named backbone or a config."""
+    from detfocal.modeling.retinanet import build_retinanet
+
+    if spec.get("config"):
+        from detfocal.config import load_config, model_kwargs
+        from detfocal.registry import DETECTORS
+
+        cfg = load_config(spec["config"])
+        from detfocal.data.shapes import CATEGORIES
+
+        num_classes = len(CATEGORIES)
+        model = DETECTORS.build({"type": cfg.model.type, **model_kwargs(cfg, num_classes)})
+        return model, cfg.model.min_size, spec["batch"], num_classes
+    size, num_classes = spec["size"], 80
+    model = build_retinanet(num_classes, backbone=spec["backbone"], min_size=size, max_size=size,
+                            head={"type": "focal"})
+    return model, size, spec["batch"], num_classes
+
+
 def _train_case(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from detfocal.modeling.retinanet import build_retinanet
+    from detfocal.engine.precision import resolve_amp
 
     torch.manual_seed(0)
     device = spec["device"]
-    size, batch, num_classes = spec["size"], spec["batch"], 80
-    model = build_retinanet(num_classes, backbone=spec["backbone"], min_size=size, max_size=size,
-                            head={"type": "focal"})
-    if spec["head"] == "torchvision":
-        from torchvision.models.detection.retinanet import RetinaNetClassificationHead
-
-        model.head.classification_head = RetinaNetClassificationHead(
-            model.backbone.out_channels, model.anchor_generator.num_anchors_per_location()[0], num_classes)
-    precision = spec["precision"]
-    amp_dtype = None
-    if precision == "default":
-        if device == "cuda":
-            amp_dtype = torch.float16
-        elif cpu_supports_bf16():
-            amp_dtype = torch.bfloat16
-    model = model.to(device)
-    if amp_dtype is not None and device == "cpu":
+    model, size, batch, num_classes = _train_model(spec)
+    if spec["impl"] == "torchvision":
+        model = torchvision_twin(model)
+    # "default" is what train.amp: auto picks on this machine, the same call the training loop makes.
+    amp_dtype, channels_last, note = resolve_amp("off" if spec["precision"] == "fp32" else "auto",
+                                                 torch.device(device))
+    model = model.to(device).train()
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
     scaler = torch.amp.GradScaler(device, enabled=amp_dtype == torch.float16)
     generator = torch.Generator().manual_seed(0)
@@ -238,7 +288,7 @@ def _train_case(spec: dict[str, Any]) -> dict[str, Any]:
     targets = []
     for _ in range(batch):
         xy = torch.rand(4, 2, generator=generator) * size * 0.6
-        wh = 16 + torch.rand(4, 2, generator=generator) * size * 0.3
+        wh = size / 8 + torch.rand(4, 2, generator=generator) * size * 0.3
         targets.append({"boxes": torch.cat([xy, xy + wh], 1).to(device),
                         "labels": torch.randint(0, num_classes, (4,), generator=generator).to(device)})
 
@@ -253,7 +303,8 @@ def _train_case(spec: dict[str, Any]) -> dict[str, Any]:
     step()  # warm-up (and compile, where the loss compiles)
     first, median_ms, extra_mb = _time(step, spec["repeats"], device)
     return {"median_ms": median_ms, "images_per_s": batch / (median_ms / 1000), "peak_extra_mb": extra_mb,
-            "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32"}
+            "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
+            "auto_note": note if spec["precision"] == "default" else resolve_amp("auto", torch.device(device))[2]}
 
 
 def _eval_case(spec: dict[str, Any]) -> dict[str, Any]:
@@ -306,10 +357,12 @@ def _label_module(module: Any, label: str) -> None:
 
 
 def _label_method(owner: Any, name: str, label: str) -> None:
-    """Shadow ``owner.name`` with an instance attribute that runs it inside a range ``label``."""
+    """Shadow ``owner.name`` with an instance attribute that runs it inside a range ``label`` (if it has one)."""
     from torch.profiler import record_function
 
-    method = getattr(owner, name)
+    method = getattr(owner, name, None)
+    if method is None:  # torchvision's head has no labels_for_loss: its target encoding is inside its loss
+        return
 
     def labelled(*args: Any, **kwargs: Any) -> Any:
         with record_function(label):
@@ -432,7 +485,10 @@ def _profile_case(spec: dict[str, Any]) -> dict[str, Any]:
         loaded = [collate_fn([dataset[i] for i in indices]) for indices in batches]
 
     device = torch.device("cpu")  # the demo's device; CPU activities only
-    model = DETECTORS.build({"type": cfg.model.type, **model_kwargs(cfg, dataset.num_classes)}).to(device).train()
+    model = DETECTORS.build({"type": cfg.model.type, **model_kwargs(cfg, dataset.num_classes)})
+    if spec.get("impl") == "torchvision":
+        model = torchvision_twin(model)
+    model = model.to(device).train()
     amp_dtype, channels_last, amp_note = resolve_amp(cfg.train.amp, device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -534,6 +590,30 @@ def loss_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def train_table(rows: list[dict[str, Any]]) -> str:
+    """Rows of (torchvision, detfocal) pairs as markdown, plus each model's default precision against fp32."""
+    lines = ["| model | px | batch | precision | torchvision img/s | detfocal img/s | ratio |",
+             "|---|---:|---:|---|---:|---:|---:|"]
+    fp32_stock: dict[str, float] = {}
+    notes = []
+    for stock, ours in zip(rows[0::2], rows[1::2]):
+        name = stock.get("model") or stock["backbone"]
+        s, o = stock.get("images_per_s"), ours.get("images_per_s")
+        precision = ours.get("amp") or stock["precision"]
+        lines.append(f"| {name} | {stock['size']} | {stock['batch']} | {precision} | {_fmt(s, '{:.2f}')} | "
+                     f"{_fmt(o, '{:.2f}')} | {_fmt(o / s if s and o else None, '{:.2f}')} |")
+        if stock["precision"] == "fp32" and s:
+            fp32_stock[name] = s
+        elif o and fp32_stock.get(name):
+            notes.append(f"{name}: detfocal in the default precision ({precision}) is "
+                         f"{o / fp32_stock[name]:.2f}x torchvision in fp32")
+    if rows and not any(r["precision"] == "default" for r in rows):
+        note = next((r.get("auto_note") for r in rows if r.get("auto_note")), "")
+        notes.append("The default precision here is fp32 (train.amp: auto" +
+                     (f"; {note.split('(', 1)[1].rstrip(')')}" if "(" in note else "") + "), so fp32 is the only row.")
+    return "\n".join(lines + [""] + notes)
+
+
 def fit_exponent(rows: list[dict[str, Any]]) -> float:
     """Least-squares slope of log(time) against log(N*C)."""
     points = [(math.log(r["num_anchors"] * r["num_classes"] * r["batch"]), math.log(r["median_ms"]))
@@ -563,11 +643,23 @@ def build_specs(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
         specs["scaling"] = [{**common, "kind": "loss", "impl": "detfocal_compiled", "batch": 2, "num_anchors": na,
                              "num_classes": c, "repeats": repeats} for na, c in sizes]
     if "train" in args.cases:
-        settings = [("resnet18", 256, 8)] if quick else [("resnet18", 256, 8), ("resnet50", 512, 2)]
-        specs["train"] = [{**common, "kind": "train", "backbone": bb, "size": size, "batch": batch, "head": head,
-                           "precision": precision, "repeats": 2 if quick else 5}
-                          for bb, size, batch in settings for precision in ("fp32", "default")
-                          for head in ("torchvision", "detfocal")]
+        import torch
+
+        from detfocal.engine.precision import resolve_amp
+
+        settings = [{"backbone": "resnet18", "size": 256, "batch": 8}]
+        if not quick:
+            settings += [{"backbone": "resnet50", "size": 512, "batch": 2},
+                         {"config": str(args.config or DEMO_CONFIG), "model": "demo (R18, FPN 64, GN heads)",
+                          "size": 128, "batch": 8}]
+        # "default" runs only where train.amp: auto picks something other than fp32.
+        precisions = ["fp32"]
+        if resolve_amp("auto", torch.device(args.device))[0] is not None:
+            precisions.append("default")
+        specs["train"] = [{**common, "kind": "train", **setting, "impl": impl, "precision": precision,
+                           "repeats": 2 if quick else 5}
+                          for setting in settings for precision in precisions
+                          for impl in ("torchvision", "detfocal")]
     if "eval" in args.cases:
         candidates = [args.coco_sample] if args.coco_sample else COCO_SAMPLE_DIRS
         data_dir = next((Path(d) for d in candidates if (Path(d) / "instances_val2014_100.json").is_file()), None)
@@ -584,8 +676,10 @@ def build_specs(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
         from detfocal.config import load_config
 
         batch = 2 if quick else load_config(config).train.batch_size
-        specs["profile"] = [{**common, "kind": "profile", "config": str(config), "batch": batch,
-                             "repeats": 3 if quick else args.repeats}]
+        # torchvision's stock RetinaNet of the same architecture is the "before" of the breakdown.
+        specs["profile"] = [{**common, "kind": "profile", "config": str(config), "batch": batch, "impl": impl,
+                             "repeats": 3 if quick else args.repeats}
+                            for impl in (("detfocal",) if quick else ("torchvision", "detfocal"))]
     return specs
 
 
@@ -600,16 +694,8 @@ def report(results: dict[str, list[dict[str, Any]]]) -> str:
         out += [f"| {r['num_anchors']} | {r['num_classes']} | {_fmt(r.get('median_ms'))} |" for r in results["scaling"]]
         out += ["", f"Fitted exponent of time against N*C: {fit_exponent(results['scaling']):.2f} (1.0 = linear)", ""]
     if "train" in results:
-        out += ["### RetinaNet training step", "",
-                "| backbone | px | batch | precision | stock head img/s | detfocal head img/s | ratio |",
-                "|---|---:|---:|---|---:|---:|---:|"]
-        rows = results["train"]
-        for stock, ours in zip(rows[0::2], rows[1::2]):
-            s, o = stock.get("images_per_s"), ours.get("images_per_s")
-            out.append(f"| {stock['backbone']} | {stock['size']} | {stock['batch']} | "
-                       f"{ours.get('amp', stock['precision'])} | {_fmt(s, '{:.2f}')} | {_fmt(o, '{:.2f}')} | "
-                       f"{_fmt(o / s if s and o else None, '{:.2f}')} |")
-        out.append("")
+        out += ["### RetinaNet training step: torchvision's stock RetinaNet against detfocal's, same weights", "",
+                train_table(results["train"]), ""]
     if "eval" in results:
         rows = results["eval"]
         reference = rows[0]  # pycocotools
@@ -626,10 +712,11 @@ def report(results: dict[str, list[dict[str, Any]]]) -> str:
             worst = max(abs(a - b) for r in rows[1:] for a, b in zip(reference["stats"], r["stats"]))
             out.append(f"\nLargest difference in the 12 stats between backends: {worst:.1e}")
         out.append("")
-    if "profile" in results:
-        result = results["profile"][0]
+    for result in results.get("profile", []):
+        model = "torchvision's stock RetinaNet of the same architecture" if result.get("impl") == "torchvision" \
+            else "detfocal"
         out += [f"### Profile of the training step of {Path(result['config']).name}, batch {result['batch']}, "
-                f"{result['repeats']} steps", ""]
+                f"{result['repeats']} steps: {model}", ""]
         if "error" in result:
             out.append(f"error: {result['error']}")
         else:

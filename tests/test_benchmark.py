@@ -67,3 +67,41 @@ def test_profile_case_of_a_tiny_config_reports_every_component(tmp_path, tiny):
 def test_profile_case_names_a_missing_config():
     with pytest.raises(FileNotFoundError, match="--config: missing.yaml does not exist"):
         benchmark.main(["--cases", "profile", "--config", "missing.yaml"])
+
+
+@pytest.mark.parametrize("head", [{"type": "focal"}, {"type": "focal", "num_convs": 2, "norm": "gn"}],
+                         ids=["stock-head", "gn-2-convs"])
+def test_torchvision_twin_is_stock_torchvision_with_the_same_weights_and_detections(head):
+    from torchvision.models.detection import RetinaNet
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.retinanet import RetinaNetClassificationHead
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+    from detfocal.modeling.retinanet import build_retinanet
+
+    torch.manual_seed(0)
+    model = build_retinanet(3, "resnet18", fpn_channels=64, min_size=128, max_size=128, head=head,
+                            score_thresh=0.0).eval()
+    twin = benchmark.torchvision_twin(model)
+    assert type(twin) is RetinaNet and type(twin.anchor_generator) is AnchorGenerator
+    assert type(twin.head.classification_head) is RetinaNetClassificationHead
+    assert type(twin.backbone.fpn.extra_blocks) is LastLevelP6P7
+    assert not twin.training
+    images = [torch.rand(3, 128, 128)]
+    with torch.no_grad():
+        ours, theirs = model(images)[0], twin(images)[0]
+    torch.testing.assert_close(theirs["boxes"], ours["boxes"])
+    torch.testing.assert_close(theirs["scores"], ours["scores"])
+
+
+def test_train_table_pairs_rows_and_says_when_fp32_is_the_default():
+    rows = [{"backbone": "resnet18", "size": 256, "batch": 8, "precision": "fp32", "impl": impl, "images_per_s": ips,
+             "amp": "fp32", "auto_note": "precision: fp32 (auto: cpu without native bf16)"}
+            for impl, ips in (("torchvision", 1.0), ("detfocal", 1.25))]
+    table = benchmark.train_table(rows)
+    assert "| resnet18 | 256 | 8 | fp32 | 1.00 | 1.25 | 1.25 |" in table
+    assert "default precision here is fp32 (train.amp: auto; auto: cpu without native bf16)" in table
+    bf16 = [{**row, "precision": "default", "amp": "bfloat16", "images_per_s": 3.0 * (1 + i)}
+            for i, row in enumerate(rows)]
+    assert "resnet18: detfocal in the default precision (bfloat16) is 6.00x torchvision in fp32" in \
+        benchmark.train_table(rows + bf16)

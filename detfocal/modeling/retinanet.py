@@ -487,7 +487,7 @@ def build_retinanet(
                           head=retinanet_head, **detector_kwargs)
 
 
-def _infer_norm_layer(block: nn.Module) -> Callable[..., nn.Module] | None:
+def infer_norm_layer(block: nn.Module) -> Callable[..., nn.Module] | None:
     """The norm_layer that rebuilds ``block`` (a torchvision Conv2dNormActivation)."""
     norms = [m for m in block.children() if not isinstance(m, (nn.Conv2d, nn.ReLU))]
     if not norms:
@@ -549,7 +549,7 @@ def convert_retinanet(model: RetinaNet, *, num_classes: int | None = None, crowd
         raise ValueError(f"num_classes={num_classes} but the model's classification head predicts {model_classes} "
                          f"classes ({old.cls_logits.out_channels} outputs / {num_anchors} anchors)")
     if "norm_layer" not in head_kwargs:
-        head_kwargs["norm_layer"] = _infer_norm_layer(old.conv[0]) if len(old.conv) else None
+        head_kwargs["norm_layer"] = infer_norm_layer(old.conv[0]) if len(old.conv) else None
     weight = old.cls_logits.weight
     focal = FocalClassificationHead(in_channels, num_anchors, model_classes, num_convs=len(old.conv), **head_kwargs)
     focal.to(device=weight.device, dtype=weight.dtype)
