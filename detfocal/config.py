@@ -303,7 +303,9 @@ class DataConfig(_Section):
     # the dataset is generated if missing and fills the train/val paths that are not given.
     shapes: dict[str, Any] | None = None
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
-    workers: NonNegativeInt = 2        # DataLoader processes; 0 decodes in the training process
+    # DataLoader processes; 0 decodes in the training process; "auto" measures a batch's load
+    # time against a step's and starts workers only where they save >= 5% (engine/workers.py).
+    workers: NonNegativeInt | Literal["auto"] = "auto"
     skip_bad_images: bool = False      # skip (and count) undecodable images instead of stopping
 
     @field_validator("shapes")

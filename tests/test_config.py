@@ -48,7 +48,7 @@ def test_defaults_fill_missing_keys(tmp_path):
     cfg = load_config(write(tmp_path / "c.yaml", "train: {lr: 0.5}\n"))
     assert cfg.train == Config().train.model_copy(update={"lr": 0.5})
     assert (cfg.data, cfg.eval, cfg.imports) == (Config().data, Config().eval, ())
-    assert cfg.data.workers == 2 and cfg.data.skip_bad_images is False
+    assert cfg.data.workers == "auto" and cfg.data.skip_bad_images is False
     # The head's missing parameters come from the registered head's own defaults.
     assert cfg.model.head == head_defaults("focal")
     assert (cfg.model.head["alpha"], cfg.model.head["gamma"], cfg.model.head["num_convs"]) == (0.25, 2.0, 4)
@@ -120,7 +120,8 @@ def test_wrong_type_names_the_key_the_value_and_the_expected_type(override, key,
     ("model.bg_iou_thresh=0.6", "model.bg_iou_thresh: expected <= model.fg_iou_thresh (0.5), got 0.6"),
     ("model.head.gamma=-1", "model.head.gamma: expected >= 0, got -1 (int)"),
     ("model.head.prior_probability=1", "model.head.prior_probability: expected < 1, got 1"),
-    ("data.workers=-1", "data.workers: expected >= 0, got -1"),
+    ("data.workers=-1", "data.workers: expected >= 0 or 'auto', got -1"),
+    ("data.workers=many", "data.workers: expected int or 'auto', got 'many'"),
     ("eval.interval=0", "eval.interval: expected > 0, got 0"),
 ])
 def test_out_of_range_value_names_the_key(override, message):

@@ -344,9 +344,15 @@ def _straight_and_resumed(tmp_path: Path, common: list[str]) -> None:
 
 
 @pytest.mark.slow
-def test_train_is_a_library_call_returning_a_summary(tmp_path, tiny, one_thread):
-    summary = detfocal.train(DEMO, tmp_path / "run", overrides=[*tiny, "train.max_iters=2"])
+def test_train_is_a_library_call_returning_a_summary(tmp_path, tiny, one_thread, capsys, monkeypatch):
+    from detfocal.engine import workers
+
+    monkeypatch.setattr(workers, "available_cores", lambda local_world_size=1: 1)
+    summary = detfocal.train(DEMO, tmp_path / "run", overrides=[*tiny, "train.max_iters=2", "data.workers=auto"])
     assert summary["iterations"] == 2 and summary["stopped"] == "max_iters" and 0.0 <= summary["AP"] <= 1.0
+    # One core: "auto" measures, and keeps loading in the training process.
+    assert summary["data_workers"] == 0
+    assert "data.workers: auto chose 0 (loading a batch takes" in capsys.readouterr().out
     assert (tmp_path / "run" / "config.yaml").is_file() and (tmp_path / "run" / "last.pth").is_file()
 
 
@@ -570,3 +576,57 @@ def test_model_weights_fine_tunes_from_an_earlier_run_with_other_classes(tmp_pat
                      f"model.weights={tmp_path / 'five' / 'best.pth'}", "data.subset.categories=[circle,star]"]) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("model.weights:"))
     assert "re-initialised" in line and "cls_logits" in line and "not in the file" not in line
+
+
+# ---------------------------------------------------------------- data.workers: auto
+@pytest.mark.parametrize("load_ms, step_ms, cores, expected", [
+    (27, 650, 2, 0),      # the demo on 2 cores: workers would save 2% of a step
+    (27, 650, 1, 0),      # one core: nothing to overlap with
+    (100, 400, 2, 1),     # slow decoding on 2 cores: one worker, the other core computes
+    (100, 400, 16, 1),    # one worker delivers a batch per 100 ms, 2x headroom for 400 ms steps
+    (300, 200, 16, 3),    # loading slower than the step: enough workers to keep up, twice over
+    (300, 200, 3, 2),     # ... but never more than the spare cores
+    (900, 10, 64, 8),     # and at most MAX_WORKERS
+])
+def test_auto_workers_start_only_where_they_save_a_share_of_the_step(load_ms, step_ms, cores, expected):
+    from detfocal.engine.workers import choose_workers
+
+    workers, why = choose_workers(load_ms / 1000, step_ms / 1000, cores)
+    assert workers == expected
+    assert why.startswith(f"data.workers: auto chose {expected} (loading a batch takes {load_ms} ms, a step {step_ms} ms")
+
+
+def test_measuring_the_load_time_leaves_every_random_stream_as_it_was():
+    import random
+
+    import numpy as np
+
+    from detfocal.engine.workers import time_batch_load
+
+    class Noisy:
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, index):
+            return random.random() + np.random.rand() + torch.rand(()).item()
+
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    expected = (random.random(), np.random.rand(), torch.rand(()).item())
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    seconds, batch = time_batch_load(Noisy(), 3, list)
+    assert seconds > 0 and len(batch) == 3
+    assert (random.random(), np.random.rand(), torch.rand(()).item()) == expected
+
+
+def test_step_estimate_leaves_the_model_and_its_batchnorm_statistics_alone():
+    from detfocal.engine.workers import resolve_workers, time_step
+    from detfocal.modeling.retinanet import build_retinanet
+
+    model = build_retinanet(2, "resnet18", fpn_channels=32, min_size=64, max_size=64).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert time_step(model, [torch.rand(3, 64, 64)], amp_dtype=None, backward_factor=3.0) > 0
+    assert model.training
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert resolve_workers(3, [], 2, list, model, torch.device("cpu")) == (3, None)
+    assert resolve_workers("auto", [], 2, list, model, torch.device("cpu")) == (0, "data.workers: auto chose 0 (no images)")

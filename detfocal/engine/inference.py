@@ -154,6 +154,7 @@ def evaluate_checkpoint(checkpoint: str | Path, config: str | Path | None = None
     from detfocal.evaluation.coco import CocoEvaluator
     from detfocal.evaluation.plots import write_reports
     from detfocal.engine.checkpoint import load_checkpoint
+    from detfocal.engine.workers import resolve_workers
     from detfocal.io import ensure_writable_dir, write_json_atomic
 
     checkpoint = Path(checkpoint)
@@ -166,11 +167,15 @@ def evaluate_checkpoint(checkpoint: str | Path, config: str | Path | None = None
     kwargs = dataset_kwargs(cfg, images, annotations) | {"categories": info["label_to_category_id"]}
     dataset = CocoDetection(**kwargs, transforms=build_transforms(train=False),
                             skip_bad_images=cfg.data.skip_bad_images)
-    loader = DataLoader(dataset, batch_size=cfg.eval.batch_size, num_workers=cfg.data.workers, collate_fn=collate_fn)
+    device = next(model.parameters()).device
+    workers, workers_note = resolve_workers(cfg.data.workers, dataset, cfg.eval.batch_size, collate_fn, model, device,
+                                            training=False)
+    if workers_note:
+        print(workers_note)
+    loader = DataLoader(dataset, batch_size=cfg.eval.batch_size, num_workers=workers, collate_fn=collate_fn)
     print(f"evaluating {checkpoint} (step {info['iteration']}) on {len(dataset)} images of {annotations}, "
           f"{len(info['label_to_category_id'])} categories")
     evaluator = CocoEvaluator(dataset.coco, info["label_to_category_id"], backend=cfg.eval.backend)
-    device = next(model.parameters()).device
     summary = evaluate(model, loader, evaluator, device, progress=True)
     print(format_summary(summary))
     written = [write_json_atomic(out / "metrics.json", summary), evaluator.write_results(out / "results.json"),

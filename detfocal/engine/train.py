@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import math
+import os
 import random
 import signal
 import sys
@@ -40,6 +41,7 @@ from detfocal.engine.inference import draw_detections, evaluate
 from detfocal.engine.logging import append_metrics, format_summary, log_scalars, open_tensorboard, read_metrics
 from detfocal.engine.optim import build_ema, build_lr_schedule, build_optimizer, set_lr
 from detfocal.engine.precision import resolve_amp
+from detfocal.engine.workers import resolve_workers
 from detfocal.evaluation.coco import STAT_NAMES, CocoEvaluator
 from detfocal.io import atomic_write, ensure_writable_dir, remove_stale_temporaries, write_json_atomic
 from detfocal.registry import DETECTORS
@@ -318,19 +320,22 @@ def _train(cfg: Any, out_dir: Path, resume: str | Path | bool | None, overwrite:
         sampler.set_epoch(epoch)
         loader_generator.manual_seed(seed * 1_000_003 + epoch * 1_009 + rank)  # worker seeds
         indices = list(sampler)[skip_batches * batch_size:]
-        return DataLoader(train_set, batch_size=batch_size, sampler=indices, num_workers=cfg.data.workers,
+        return DataLoader(train_set, batch_size=batch_size, sampler=indices, num_workers=workers,
                           collate_fn=collate_fn, worker_init_fn=_seed_worker, generator=loader_generator)
-
-    # Each rank evaluates every world_size-th image, with no padding repeats; its own generator
-    # keeps evaluation from drawing on the global RNG, so evaluating does not change training.
-    val_loader = DataLoader(val_set, batch_size=cfg.eval.batch_size, sampler=list(range(rank, len(val_set), world_size)),
-                            num_workers=cfg.data.workers, collate_fn=collate_fn, generator=torch.Generator())
 
     # ---- model, precision, optimizer, schedule
     model = DETECTORS.get(cfg.model.type)(**model_kwargs(cfg, num_classes)).to(device)
     amp_dtype, channels_last, amp_note = resolve_amp(cfg.train.amp, device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    # Before any weights are loaded or wrapped: the measurement leaves model and RNGs as they were.
+    workers, workers_note = resolve_workers(cfg.data.workers, train_set, batch_size, collate_fn, model, device,
+                                            amp_dtype=amp_dtype,
+                                            local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    # Each rank evaluates every world_size-th image, with no padding repeats; its own generator
+    # keeps evaluation from drawing on the global RNG, so evaluating does not change training.
+    val_loader = DataLoader(val_set, batch_size=cfg.eval.batch_size, sampler=list(range(rank, len(val_set), world_size)),
+                            num_workers=workers, collate_fn=collate_fn, generator=torch.Generator())
     model_without_ddp = model
     if world_size > 1:
         model = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
@@ -373,6 +378,8 @@ def _train(cfg: Any, out_dir: Path, resume: str | Path | bool | None, overwrite:
 
     if is_main:
         print(amp_note)
+        if workers_note:
+            print(workers_note)
         print(f"data: {len(train_set)} train / {len(val_set)} val images, {num_classes} classes; batch {batch_size} x "
               f"{world_size} process(es); {iters_per_epoch} iterations per epoch, {total_iters} in all")
         if checkpoint is not None:
@@ -507,6 +514,7 @@ def _train(cfg: Any, out_dir: Path, resume: str | Path | bool | None, overwrite:
     bad_images = sorted(set(getattr(train_set, "bad_images", [])) | set(getattr(val_set, "bad_images", [])))
     result: dict[str, Any] = {"output_dir": str(out_dir), "iterations": iteration, "best_ap": best_ap,
                               "stopped": stopped, "skipped_steps": skipped_steps, "bad_images": len(bad_images),
+                              "data_workers": workers,
                               "minutes": (time.perf_counter() - start_time) / 60}
     if is_main:
         from detfocal.evaluation.plots import plot_training_curves, write_reports
