@@ -1,4 +1,4 @@
-"""The benchmark's profile case: attribution of a torch.profiler trace to labelled components."""
+"""detfocal.benchmark: the profile attribution, the torchvision twin of the train case, its table."""
 from __future__ import annotations
 
 import pytest
@@ -7,24 +7,26 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from detfocal import benchmark
+from detfocal.benchmark import profile as bprofile
+from detfocal.benchmark import training
 from detfocal.config import config_to_yaml, load_config
 
 from conftest import DEMO
 
-BACKWARD = benchmark.BACKWARD_PREFIX
+BACKWARD = bprofile.BACKWARD_PREFIX
 
 
 def profiled_steps(steps: int = 2):
     """A conv labelled "A" and a linear layer labelled "B" (module hooks), trained ``steps`` steps."""
     torch.manual_seed(0)
     conv, linear = nn.Conv2d(3, 4, 3), nn.Linear(4 * 14 * 14, 2)
-    benchmark._label_module(conv, "A")
-    benchmark._label_module(linear, "B")
+    bprofile._label_module(conv, "A")
+    bprofile._label_module(linear, "B")
     optimizer = torch.optim.SGD([*conv.parameters(), *linear.parameters()], lr=0.1)
     images = torch.rand(2, 3, 16, 16)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
-            with record_function(benchmark.STEP_RANGE):
+            with record_function(bprofile.STEP_RANGE):
                 optimizer.zero_grad()
                 linear(conv(images).flatten(1)).square().sum().backward()
                 optimizer.step()
@@ -33,7 +35,7 @@ def profiled_steps(steps: int = 2):
 
 def test_profile_rows_partition_the_steps_and_backward_follows_the_forward_label(one_thread):
     events = profiled_steps()
-    rows, step_us, steps = benchmark.attribute_profile(events, ["A", "B"])
+    rows, step_us, steps = bprofile.attribute_profile(events, ["A", "B"])
     assert steps == 2
     assert sum(total for total, _ in rows.values()) == pytest.approx(step_us, rel=1e-6)
 
@@ -46,21 +48,21 @@ def test_profile_rows_partition_the_steps_and_backward_follows_the_forward_label
     assert rows["B"][1] == pytest.approx(backward_of("AddmmBackward0", "TBackward0"), rel=1e-6)
     forward_a = sum(e.cpu_time_total for e in events if e.name == "A")
     assert rows["A"][0] - rows["A"][1] == pytest.approx(forward_a, rel=1e-6)
-    assert rows["optimizer step"][0] > 0 and rows[benchmark.OTHER][1] > 0  # SGD's range; AccumulateGrad, square
+    assert rows["optimizer step"][0] > 0 and rows[bprofile.OTHER][1] > 0  # SGD's range; AccumulateGrad, square
 
 
 @pytest.mark.slow
 def test_profile_case_of_a_tiny_config_reports_every_component(tmp_path, tiny):
     config = tmp_path / "tiny.yaml"
     config.write_text(config_to_yaml(load_config(DEMO, tiny)))
-    result = benchmark._profile_case({"config": str(config), "batch": 2, "repeats": 1})
+    result = bprofile.profile_case({"config": str(config), "batch": 2, "repeats": 1})
     rows = result["rows"]
-    for name in benchmark.PROFILE_ROWS:
+    for name in bprofile.PROFILE_ROWS:
         assert rows[name][0] > 0, name
-    assert sum(ms for ms, _ in rows.values()) - rows[benchmark.DATA][0] == pytest.approx(result["step_ms"], rel=1e-6)
+    assert sum(ms for ms, _ in rows.values()) - rows[bprofile.DATA][0] == pytest.approx(result["step_ms"], rel=1e-6)
     assert rows["backbone"][1] > 0 and rows["head convs"][1] > 0  # their backward found its forward label
     assert 0 < result["decode_ms_per_image"] < result["data_ms_per_image"]
-    table = benchmark.profile_table(result)
+    table = bprofile.profile_table(result)
     assert "| matching |" in table and "Non-convolution share" in table
 
 
@@ -82,7 +84,7 @@ def test_torchvision_twin_is_stock_torchvision_with_the_same_weights_and_detecti
     torch.manual_seed(0)
     model = build_retinanet(3, "resnet18", fpn_channels=64, min_size=128, max_size=128, head=head,
                             score_thresh=0.0).eval()
-    twin = benchmark.torchvision_twin(model)
+    twin = training.torchvision_twin(model)
     assert type(twin) is RetinaNet and type(twin.anchor_generator) is AnchorGenerator
     assert type(twin.head.classification_head) is RetinaNetClassificationHead
     assert type(twin.backbone.fpn.extra_blocks) is LastLevelP6P7
@@ -98,10 +100,32 @@ def test_train_table_pairs_rows_and_says_when_fp32_is_the_default():
     rows = [{"backbone": "resnet18", "size": 256, "batch": 8, "precision": "fp32", "impl": impl, "images_per_s": ips,
              "amp": "fp32", "auto_note": "precision: fp32 (auto: cpu without native bf16)"}
             for impl, ips in (("torchvision", 1.0), ("detfocal", 1.25))]
-    table = benchmark.train_table(rows)
+    table = training.train_table(rows)
     assert "| resnet18 | 256 | 8 | fp32 | 1.00 | 1.25 | 1.25 |" in table
     assert "default precision here is fp32 (train.amp: auto; auto: cpu without native bf16)" in table
     bf16 = [{**row, "precision": "default", "amp": "bfloat16", "images_per_s": 3.0 * (1 + i)}
             for i, row in enumerate(rows)]
     assert "resnet18: detfocal in the default precision (bfloat16) is 6.00x torchvision in fp32" in \
-        benchmark.train_table(rows + bf16)
+        training.train_table(rows + bf16)
+
+
+@pytest.mark.slow
+def test_inference_case_of_a_tiny_config_times_every_stage_within_the_total(tmp_path, tiny):
+    from detfocal.benchmark import evaluation
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(config_to_yaml(load_config(DEMO, tiny)))
+    result = evaluation.inference_case({"config": str(config), "num_images": 6, "repeats": 1, "checkpoint": None})
+    rows = result["rows"]
+    for name in evaluation.INFERENCE_ROWS:
+        assert rows[name] >= 0, name
+    for name in ("backbone + FPN", "head convs", "post-processing (score filter, per-level top-k, batched_nms)"):
+        assert rows[name] > 0, name
+    assert sum(rows.values()) <= 1000 * result["seconds"]  # stages never overlap, so they cannot exceed the pass
+    assert result["num_images"] == 6 and result["images_per_s"] == pytest.approx(6 / result["seconds"])
+    assert "| post-processing (score filter, per-level top-k, batched_nms) |" in evaluation.inference_table(result)
+
+
+def test_inference_case_names_a_missing_checkpoint():
+    with pytest.raises(FileNotFoundError, match="--checkpoint: nowhere.pth does not exist"):
+        benchmark.main(["--cases", "inference", "--checkpoint", "nowhere.pth"])

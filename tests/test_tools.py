@@ -196,6 +196,8 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys, tool, argv, messa
     (tmp_path / "bad_type.yaml").write_text("_base_: " + str(DEMO) + "\ntrain: {epochs: ten}\n")
     names = {"missing": tmp_path / "missing.yaml", "bad_type": tmp_path / "bad_type.yaml", "demo": DEMO, "tmp": tmp_path}
     argv = [arg.format(**names) for arg in argv]
+    if tool == "train" and "--output-dir" not in argv:
+        argv += ["--output-dir", str(tmp_path / "run")]  # not ./runs, which may hold the user's demo run
     code = cli_main([tool, *argv])
     err = capsys.readouterr().err.strip()
     assert code == 2

@@ -1,0 +1,7 @@
+"""``python -m detfocal.benchmark``: the same as ``detfocal benchmark`` (and the cases' subprocess entry)."""
+import sys
+
+from detfocal.benchmark import main
+from detfocal.cli import run_cli
+
+sys.exit(run_cli(main))
