@@ -129,3 +129,12 @@ def test_inference_case_of_a_tiny_config_times_every_stage_within_the_total(tmp_
 def test_inference_case_names_a_missing_checkpoint():
     with pytest.raises(FileNotFoundError, match="--checkpoint: nowhere.pth does not exist"):
         benchmark.main(["--cases", "inference", "--checkpoint", "nowhere.pth"])
+
+
+def test_a_failing_case_is_an_error_row_and_the_next_case_still_runs(capsys):
+    results = benchmark.worker([{"kind": "nope", "case": "loss"},
+                                {"kind": "eval", "case": "eval", "impl": "faster_coco_eval", "repeats": 1,
+                                 "data_dir": "tests/data"}])
+    assert results[0] == {"error": "ValueError: unknown case kind 'nope'"}
+    assert results[1]["AP"] == pytest.approx(0.50458, abs=1e-5)
+    assert capsys.readouterr().out.count(benchmark.PROGRESS) == 2

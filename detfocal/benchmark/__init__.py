@@ -33,6 +33,9 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -56,8 +59,21 @@ DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "shapes_retinane
 CASES = ("loss", "scaling", "train", "eval", "inference", "profile")
 
 
-def worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """Run one case in this process (the subprocess side of :func:`run_case`)."""
+PROGRESS = "detfocal.benchmark.progress "
+
+
+def spec_label(name: str, spec: dict[str, Any]) -> str:
+    """``"loss: detfocal_head"``-style name of a case for the progress lines."""
+    return f"{name}: " + " ".join(str(spec[key]) for key in ("impl", "model", "backbone", "precision")
+                                  if spec.get(key))
+
+
+def worker(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Run cases in this process (the subprocess side of :func:`run_cases`), one result each.
+
+    A case that raises gives ``{"error": ...}`` and the next one still runs. Before each case a
+    progress line goes to stdout, for the parent to print.
+    """
     import torch
 
     from .evaluation import eval_case, inference_case
@@ -65,28 +81,59 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     from .profile import profile_case
     from .training import train_case
 
-    torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
     cases = {"loss": loss_case, "train": train_case, "eval": eval_case, "inference": inference_case,
              "profile": profile_case}
-    if spec["kind"] not in cases:
-        raise ValueError(f"unknown case kind {spec['kind']!r}")
-    return cases[spec["kind"]](spec)
+    results = []
+    for spec in specs:
+        print(f"{PROGRESS}{spec_label(spec['case'], spec)}", flush=True)
+        torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
+        try:
+            if spec["kind"] not in cases:
+                raise ValueError(f"unknown case kind {spec['kind']!r}")
+            results.append(cases[spec["kind"]](spec))
+        except Exception as exc:  # noqa: BLE001 - reported in the case's table row
+            results.append({"error": f"{type(exc).__name__}: {exc}"})
+    return results
 
 
-def run_case(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """Run one case in a fresh interpreter; its last stdout line is the JSON result."""
+def run_cases(specs: list[dict[str, Any]], timeout: float) -> list[dict[str, Any]]:
+    """Run ``specs`` in one fresh interpreter, printing a line per case as it starts.
+
+    Each case of a full run gets its own interpreter, so its peak memory is its own; ``--quick``
+    runs all its cases in one, to pay the torch import (~6 s here) once.
+    """
     # For the loss's memory figures, a fixed mmap threshold makes glibc return every large free
     # to the OS at once, so the sampled RSS follows live tensor memory instead of the
     # allocator's cache. The other cases run with the allocator a training run has.
     env = dict(os.environ)
-    if spec["kind"] == "loss":
+    if any(spec["kind"] == "loss" for spec in specs):
         env.update(MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
-    proc = subprocess.run([sys.executable, "-m", "detfocal.benchmark", "--worker", json.dumps(spec)],
-                          capture_output=True, text=True, timeout=timeout, env=env)
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        return {**spec, "error": tail}
-    return {**spec, **json.loads(proc.stdout.strip().splitlines()[-1])}
+    with tempfile.TemporaryFile("w+") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "detfocal.benchmark", "--worker", json.dumps(specs)],
+                                stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
+        timer = threading.Timer(timeout * len(specs), proc.kill)
+        timer.start()
+        last, started, start = None, False, time.perf_counter()
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if line.startswith(PROGRESS):
+                    if started:
+                        print(f" ({time.perf_counter() - start:.0f} s)", flush=True)
+                    print(f"  running {line[len(PROGRESS):].strip()}", end="", flush=True)
+                    started, start = True, time.perf_counter()
+                else:
+                    last = line
+            proc.wait()
+        finally:
+            timer.cancel()
+        if started:
+            print(f" ({time.perf_counter() - start:.0f} s)", flush=True)
+        if proc.returncode != 0 or last is None:
+            stderr.seek(0)
+            tail = (stderr.read().strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+            return [{**spec, "error": tail} for spec in specs]
+    return [{**spec, **result} for spec, result in zip(specs, json.loads(last))]
 
 
 def build_specs(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
@@ -144,7 +191,8 @@ def build_specs(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
         if args.checkpoint is not None and not args.checkpoint.is_file():
             raise FileNotFoundError(f"--checkpoint: {args.checkpoint} does not exist; name a detfocal checkpoint, "
                                     f"e.g. runs/shapes_retinanet_r18/best.pth after the demo")
-        specs["inference"] = [{**common, "kind": "inference", "config": str(path), "repeats": 2 if quick else 3,
+        specs["inference"] = [{**common, "kind": "inference", "config": str(path),
+                               "model": args.checkpoint.name if args.checkpoint else "untrained", "repeats": 2 if quick else 3,
                                "num_images": 48 if quick else 200,
                                "checkpoint": str(args.checkpoint) if args.checkpoint else None}]
     if "profile" in args.cases:
@@ -235,13 +283,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     machine = (f"{cpu_description()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                f"device {args.device}" + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else ""))
     print(f"detfocal benchmark: {machine}{' (quick)' if args.quick else ''}", flush=True)
+    specs = [{**spec, "case": name} for name, group in build_specs(args).items() for spec in group]
+    batches = [specs] if args.quick else [[spec] for spec in specs]
     results: dict[str, list[dict[str, Any]]] = {}
-    for name, specs in build_specs(args).items():
-        results[name] = []
-        for spec in specs:
-            label = " ".join(str(spec[key]) for key in ("impl", "model", "backbone", "precision") if spec.get(key))
-            print(f"  running {name}: {label}", flush=True)
-            results[name].append(run_case(spec, args.timeout))
+    for batch in batches:
+        for result in run_cases(batch, args.timeout):
+            results.setdefault(result["case"], []).append(result)
     text = report(results)
     print()
     print(text)
