@@ -20,8 +20,8 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from detfocal.modeling.backbones import LastLevelP6P7Fp32
 from detfocal.modeling.heads import FocalClassificationHead, focal_head_loss, labels_from_matched_idxs
 from detfocal.modeling import retinanet
-from detfocal.modeling.retinanet import (CachedAnchorGenerator, FocalRetinaNet, anchor_crowd_ioa, build_retinanet,
-                                         convert_retinanet, match_anchors, match_anchors_batched,
+from detfocal.modeling.matching import anchor_crowd_ioa, match_anchors, match_anchors_batched
+from detfocal.modeling.retinanet import (CachedAnchorGenerator, FocalRetinaNet, build_retinanet, convert_retinanet,
                                          resolve_backbone_weights)
 from detfocal.registry import BACKBONES, DETECTORS, HEADS, Registry
 

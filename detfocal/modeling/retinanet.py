@@ -1,4 +1,4 @@
-"""RetinaNet with detfocal's head: builders, backbones, conversion and crowd-aware matching.
+"""RetinaNet with detfocal's head: builders, backbones and conversion (matching: :mod:`.matching`).
 
 :class:`FocalRetinaNet` is torchvision's ``RetinaNet`` with one method overridden,
 ``compute_loss``, because the crowd rule needs the anchors, which torchvision's heads
@@ -23,20 +23,18 @@ from torchvision.models.detection._utils import BoxCoder, Matcher
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.retinanet import RetinaNetHead
-from torchvision.ops import FrozenBatchNorm2d, box_iou
+from torchvision.ops import FrozenBatchNorm2d
 
 from .backbones import resolve_backbone_weights
 from .heads import FocalClassificationHead
-from .quality_heads import box_area, box_intersection, box_quality_targets
+from .matching import match_anchors, match_anchors_batched, split_crowd
+from .quality_heads import box_quality_targets
 from detfocal.registry import BACKBONES, DETECTORS, HEADS
 
-__all__ = ["CachedAnchorGenerator", "FocalRetinaNet", "anchor_crowd_ioa", "build_retinanet", "convert_retinanet",
-           "default_anchor_sizes", "match_anchors", "match_anchors_batched", "resolve_backbone_weights",
-           "retinanet_head_loss", "split_crowd"]
+__all__ = ["CachedAnchorGenerator", "FocalRetinaNet", "build_retinanet", "convert_retinanet", "default_anchor_sizes",
+           "resolve_backbone_weights", "retinanet_head_loss"]
 
 NUM_LEVELS = 5  # P3-P7
-# Per-box fields that follow the boxes when crowd boxes are removed.
-PER_BOX_KEYS = ("boxes", "labels", "iscrowd", "area")
 # The head's "norm" option; GroupNorm(32) as torchvision's RetinaNet v2 and detectron2.
 HEAD_NORMS: dict[str, Callable[..., nn.Module] | None] = {"none": None, "gn": partial(nn.GroupNorm, 32),
                                                           "bn": nn.BatchNorm2d}
@@ -92,139 +90,6 @@ class CachedAnchorGenerator(AnchorGenerator):
                 self._cache.popitem(last=False)
         self._cache.move_to_end(key)
         return [anchors] * num_images
-
-
-# --------------------------------------------------------------------------------------
-# Crowd-aware matching.
-# --------------------------------------------------------------------------------------
-def split_crowd(target: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], Tensor | None]:
-    """Split ``target`` (``boxes [M, 4]``, ``labels [M]``, optional int/bool ``iscrowd [M]``).
-
-    Returns:
-        ``(target without crowd boxes, crowd boxes [K, 4] or None)``; the per-box fields
-        ``boxes``, ``labels``, ``iscrowd`` and ``area`` are filtered, other keys kept.
-
-    Raises:
-        ValueError: ``iscrowd`` not of shape ``[M]``.
-    """
-    iscrowd = target.get("iscrowd")
-    if iscrowd is None:
-        return dict(target), None
-    boxes = target["boxes"]
-    if not isinstance(iscrowd, Tensor) or tuple(iscrowd.shape) != (boxes.shape[0],):
-        raise ValueError(f"target['iscrowd'] must be a tensor of shape ({boxes.shape[0]},), one flag per box, got "
-                         f"{tuple(iscrowd.shape) if isinstance(iscrowd, Tensor) else type(iscrowd).__name__}")
-    crowd = iscrowd.to(device=boxes.device, dtype=torch.bool)
-    # Reading the flags back is free on CPU and spares the copies of an image without crowd
-    # boxes (nearly all of them); on a GPU it would be one more host sync than the indexing.
-    if crowd.device.type == "cpu" and not bool(crowd.any()):
-        return dict(target), boxes[:0]
-    kept = dict(target)
-    keep = (~crowd).nonzero().squeeze(1)  # one index for every per-box field
-    for key in PER_BOX_KEYS:
-        value = target.get(key)
-        if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == crowd.shape[0]:
-            kept[key] = value.index_select(0, keep.to(value.device))
-    return kept, boxes[crowd]
-
-
-def anchor_crowd_ioa(anchors: Tensor, crowd_boxes: Tensor) -> Tensor:
-    """Intersection over the ANCHOR's own area, ``[N, 4]`` anchors x ``[K, 4]`` boxes -> ``[N, K]``."""
-    intersection = box_intersection(anchors[:, None], crowd_boxes[None])  # (N, 1, 4), (1, K, 4) -> (N, K)
-    area = box_area(anchors).clamp(min=torch.finfo(anchors.dtype).tiny)  # a zero-area anchor has IoA 0
-    return intersection / area[:, None]
-
-
-def match_anchors(anchors: Tensor, boxes: Tensor, proposal_matcher: Callable[[Tensor], Tensor],
-                  crowd_boxes: Tensor | None = None, crowd_ioa_thresh: float = 0.5) -> Tensor:
-    """torchvision's anchor matching, plus ignoring background anchors that lie in a crowd box.
-
-    Args:
-        anchors: ``[N, 4]`` anchors of one image.
-        boxes: ``[M, 4]`` non-crowd boxes of that image (M may be 0).
-        proposal_matcher: maps an ``[M, N]`` IoU matrix to ``[N]`` matched indices, e.g.
-            torchvision's ``Matcher(0.5, 0.4, allow_low_quality_matches=True)``.
-        crowd_boxes: ``[K, 4]`` crowd boxes, or None.
-        crowd_ioa_thresh: an anchor matched to no box (-1) whose intersection with a crowd
-            box covers at least this fraction of the anchor becomes ignored (-2).
-
-    Returns:
-        ``[N]`` int64: index into ``boxes``, -1 background or -2 ignored.
-    """
-    if boxes.numel() == 0:
-        matched = torch.full((anchors.shape[0],), Matcher.BELOW_LOW_THRESHOLD, dtype=torch.int64,
-                             device=anchors.device)
-    else:
-        matched = proposal_matcher(box_iou(boxes, anchors))
-    if crowd_boxes is not None and crowd_boxes.numel() > 0:
-        in_crowd = anchor_crowd_ioa(anchors, crowd_boxes).amax(dim=1) >= crowd_ioa_thresh  # (N, K) -> (N,)
-        matched = torch.where((matched == Matcher.BELOW_LOW_THRESHOLD) & in_crowd, Matcher.BETWEEN_THRESHOLDS, matched)
-    return matched
-
-
-def _upcast(boxes: Tensor) -> Tensor:
-    return boxes.float() if boxes.dtype in (torch.float16, torch.bfloat16) else boxes
-
-
-def _pad_boxes(boxes: Sequence[Tensor], like: Tensor) -> tuple[Tensor, Tensor]:
-    """B x ``[M_i, 4]`` -> zero-padded ``[B, max M_i, 4]`` and its ``[B, max M_i]`` mask of real boxes."""
-    padded = torch.nn.utils.rnn.pad_sequence([b.to(like.device) for b in boxes], batch_first=True)
-    real = torch.nn.utils.rnn.pad_sequence([torch.ones(len(b), dtype=torch.bool, device=like.device)
-                                            for b in boxes], batch_first=True)
-    return padded, real
-
-
-def match_anchors_batched(anchors: Tensor, boxes: Sequence[Tensor], proposal_matcher: Matcher,
-                          crowd_boxes: Sequence[Tensor | None] | None = None,
-                          crowd_ioa_thresh: float = 0.5) -> Tensor:
-    """:func:`match_anchors` with torchvision's ``Matcher`` for a whole batch: no loop over images, no host sync.
-
-    The boxes are padded to one ``[B, M, 4]`` tensor and the IoU of every image comes from
-    one broadcast ``[B, M, N]`` computation, with torchvision's ``box_iou`` arithmetic and
-    ``Matcher``'s rules as ``torch.where`` instead of masked writes, so the result equals
-    the per-image matching bit for bit (ties included). Memory is B x max M_i x N per
-    temporary: :meth:`FocalRetinaNet.match` bounds it.
-
-    Args:
-        anchors: ``[N, 4]`` anchors shared by every image, or ``[B, N, 4]``.
-        boxes: B tensors ``[M_i, 4]`` of non-crowd boxes (M_i may be 0).
-        proposal_matcher: a torchvision ``Matcher``; its thresholds and
-            ``allow_low_quality_matches`` are applied.
-        crowd_boxes: B tensors ``[K_i, 4]`` or None, or None for no crowd boxes.
-        crowd_ioa_thresh: as :func:`match_anchors`.
-
-    Returns:
-        ``[B, N]`` int64: index into the image's ``boxes``, -1 background or -2 ignored.
-    """
-    below, between = Matcher.BELOW_LOW_THRESHOLD, Matcher.BETWEEN_THRESHOLDS
-    anchors = anchors if anchors.dim() == 3 else anchors[None]  # (N, 4) -> (1, N, 4)
-    num_images, num_anchors = len(boxes), anchors.shape[1]
-    padded, real = _pad_boxes(boxes, anchors)  # (B, M, 4), (B, M)
-    if padded.shape[1] == 0:
-        matched = torch.full((num_images, num_anchors), below, dtype=torch.int64, device=anchors.device)
-    else:
-        # box_iou's arithmetic, 16-bit boxes (anchors under autocast) upcast to fp32 as its _upcast does.
-        padded_iou, anchors_iou = _upcast(padded), _upcast(anchors)
-        intersection = box_intersection(padded_iou[:, :, None], anchors_iou[:, None])  # -> (B, M, N)
-        union = box_area(padded_iou)[:, :, None] + box_area(anchors_iou)[:, None] - intersection
-        # Padding rows at -1 (below any IoU) never win a max, so the index is that of the image's own boxes.
-        iou = torch.where(real[:, :, None], intersection / union, -1.0)
-        best_iou, best = iou.max(dim=1)  # (B, M, N) -> (B, N)
-        matched = torch.where(best_iou < proposal_matcher.low_threshold, below,
-                              torch.where(best_iou < proposal_matcher.high_threshold, between, best))
-        if proposal_matcher.allow_low_quality_matches:
-            # Each box keeps the anchors of its highest IoU, ties included (Matcher.set_low_quality_matches_).
-            highest = iou.amax(dim=2, keepdim=True)  # (B, M, N) -> (B, M, 1)
-            update = ((iou == highest) & real[:, :, None]).any(dim=1)  # (B, M, N) -> (B, N)
-            matched = torch.where(update, best, matched)
-    if crowd_boxes is not None and any(c is not None and c.numel() for c in crowd_boxes):
-        crowd, crowd_real = _pad_boxes([c if c is not None else anchors.new_zeros(0, 4) for c in crowd_boxes], anchors)
-        # As anchor_crowd_ioa: intersection over the anchor's area, in the anchors' own dtype.
-        intersection = box_intersection(crowd[:, :, None], anchors[:, None])  # -> (B, K, N)
-        area = box_area(anchors).clamp(min=torch.finfo(anchors.dtype).tiny)[:, None]  # (1|B, 1, N)
-        in_crowd = ((intersection / area >= crowd_ioa_thresh) & crowd_real[:, :, None]).any(dim=1)  # (B, N)
-        matched = torch.where((matched == below) & in_crowd, between, matched)
-    return matched
 
 
 def retinanet_head_loss(
