@@ -1,6 +1,8 @@
 """detfocal.benchmark: the profile attribution, the torchvision twin of the train case, its table."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -137,4 +139,13 @@ def test_a_failing_case_is_an_error_row_and_the_next_case_still_runs(capsys):
                                  "data_dir": "tests/data"}])
     assert results[0] == {"error": "ValueError: unknown case kind 'nope'"}
     assert results[1]["AP"] == pytest.approx(0.50458, abs=1e-5)
-    assert capsys.readouterr().out.count(benchmark.PROGRESS) == 2
+    out = capsys.readouterr().out
+    assert out.count(benchmark.PROGRESS) == 2 and out.count(benchmark.RESULT) == 2
+
+
+def test_a_case_restores_the_environment_it_changed(monkeypatch):
+    monkeypatch.setenv("DETFOCAL_COMPILE", "auto")
+    [result] = benchmark.worker([{"kind": "loss", "case": "loss", "impl": "detfocal_eager", "device": "cpu",
+                                  "batch": 1, "num_anchors": 400, "num_classes": 3, "repeats": 1}])
+    assert result["backend"]["mode"] == "0"  # the case ran eager ...
+    assert os.environ["DETFOCAL_COMPILE"] == "auto"  # ... and the next case sees the user's setting

@@ -630,3 +630,5 @@ def test_step_estimate_leaves_the_model_and_its_batchnorm_statistics_alone():
         assert torch.equal(value, before[key]), key
     assert resolve_workers(3, [], 2, list, model, torch.device("cpu")) == (3, None)
     assert resolve_workers("auto", [], 2, list, model, torch.device("cpu")) == (0, "data.workers: auto chose 0 (no images)")
+    workers, why = resolve_workers("auto", [1, 2], 2, list, model, torch.device("cpu"), deterministic=True)
+    assert workers == 0 and "train.deterministic" in why

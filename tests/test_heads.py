@@ -101,6 +101,30 @@ def test_head_loss_divides_in_forward_so_backward_makes_no_pass_over_the_logits(
     torch.testing.assert_close(logits.grad.double(), x64.grad, rtol=1e-5, atol=1e-9)
 
 
+def test_a_refused_ema_call_leaves_the_buffer_alone():
+    logits, targets, matched_idxs = make_batch()
+    labels = labels_from_matched_idxs(targets, matched_idxs, NUM_CLASSES)
+    ema = torch.tensor([100.0])
+    with pytest.raises(ValueError, match="gamma"):
+        focal_head_loss(logits, labels, gamma=-1.0, normalization="ema", num_foreground_ema=ema)
+    bad = labels.clone()
+    bad[0, 0] = NUM_CLASSES + 7
+    with pytest.raises(ValueError):
+        focal_head_loss(logits, bad, normalization="ema", num_foreground_ema=ema)
+    assert ema.item() == 100.0
+
+
+def test_batch_normalizer_keeps_float64_exact_under_a_world_size(monkeypatch):
+    from detfocal.modeling import heads
+
+    logits, targets, matched_idxs = make_batch(dtype=torch.float64)
+    labels = labels_from_matched_idxs(targets, matched_idxs, NUM_CLASSES)
+    num_positive = int(((labels >= 0) & (labels < NUM_CLASSES)).sum())
+    monkeypatch.setattr(heads, "_count_over", lambda foreground, group: (foreground.sum(), 3))
+    got = focal_head_loss(logits, labels)
+    torch.testing.assert_close(got, reference_focal_sum(logits, labels) * 3 / num_positive, rtol=1e-14, atol=0)
+
+
 def test_labels_from_matched_idxs_gathers_box_labels_background_and_ignore():
     targets = [{"labels": torch.tensor([2, 0])}, {"labels": torch.zeros(0, dtype=torch.long)}]
     matched_idxs = [torch.tensor([1, -1, 0, -2]), torch.tensor([-1, -2, -1, -1])]

@@ -582,6 +582,9 @@ def test_normalizer_divides_the_reduced_loss_and_its_gradient_as_float64(targets
     (torch.tensor([1.0, 2.0]), "sum", "one-element real tensor, got a torch.float32 tensor of shape \\(2,\\)"),
     ("3", "sum", "normalizer holds '3'"),
     (2.0, "none", "got reduction='none'"),
+    (1e-46, "sum", "normalizer \\(as torch.float32\\) holds 0.0"),
+    (1e39, "sum", "normalizer \\(as torch.float32\\) holds inf"),
+    (torch.tensor(2.0, requires_grad=True), "sum", "normalizer requires grad"),
 ])
 def test_bad_normalizer_raises_value_error_naming_it(bad, reduction, match):
     with pytest.raises(ValueError, match=match):
@@ -602,6 +605,14 @@ def test_plain_backward_hands_the_saved_gradient_to_the_leaf_without_a_pass(norm
     # A loss weight or a GradScaler's scale is one in-place multiply, still no copy.
     logits.grad = None
     assert backward_ops_on(logits.shape, lambda: 3 * sigmoid_focal_loss(logits, labels, reduction="sum")) == ["aten::mul_"]
+
+
+def test_a_second_backward_without_retain_graph_raises_as_torch_does():
+    logits = torch.randn(4, 3, requires_grad=True)
+    loss = sigmoid_focal_loss(logits, torch.tensor([0, 1, 3, -1]), reduction="sum")
+    loss.backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.backward()
 
 
 def test_backward_twice_through_retained_graph_is_correct():

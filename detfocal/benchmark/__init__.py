@@ -60,6 +60,7 @@ CASES = ("loss", "scaling", "train", "eval", "inference", "profile")
 
 
 PROGRESS = "detfocal.benchmark.progress "
+RESULT = "detfocal.benchmark.result "
 
 
 def spec_label(name: str, spec: dict[str, Any]) -> str:
@@ -71,8 +72,10 @@ def spec_label(name: str, spec: dict[str, Any]) -> str:
 def worker(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Run cases in this process (the subprocess side of :func:`run_cases`), one result each.
 
-    A case that raises gives ``{"error": ...}`` and the next one still runs. Before each case a
-    progress line goes to stdout, for the parent to print.
+    Each case starts with a progress line and ends with a result line on stdout, so the
+    parent keeps what finished if a later case crashes. A case that raises gives
+    ``{"error": ...}`` and the next one still runs; the environment a case changes (the
+    loss cases set ``DETFOCAL_COMPILE``) is restored after it.
     """
     import torch
 
@@ -87,53 +90,68 @@ def worker(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for spec in specs:
         print(f"{PROGRESS}{spec_label(spec['case'], spec)}", flush=True)
         torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
+        environment = dict(os.environ)
         try:
             if spec["kind"] not in cases:
                 raise ValueError(f"unknown case kind {spec['kind']!r}")
-            results.append(cases[spec["kind"]](spec))
+            result = cases[spec["kind"]](spec)
         except Exception as exc:  # noqa: BLE001 - reported in the case's table row
-            results.append({"error": f"{type(exc).__name__}: {exc}"})
+            result = {"error": f"{type(exc).__name__}: {exc}"}
+        finally:
+            os.environ.clear()
+            os.environ.update(environment)
+        print(f"{RESULT}{json.dumps(result)}", flush=True)
+        results.append(result)
     return results
 
 
 def run_cases(specs: list[dict[str, Any]], timeout: float) -> list[dict[str, Any]]:
-    """Run ``specs`` in one fresh interpreter, printing a line per case as it starts.
+    """Run ``specs`` in one fresh interpreter, printing a line per case with its seconds.
 
     Each case of a full run gets its own interpreter, so its peak memory is its own; ``--quick``
-    runs all its cases in one, to pay the torch import (~6 s here) once.
+    runs its loss cases in one and the others in another, to pay the torch import (~6 s here)
+    twice instead of once per case. ``timeout`` is per case.
     """
     # For the loss's memory figures, a fixed mmap threshold makes glibc return every large free
     # to the OS at once, so the sampled RSS follows live tensor memory instead of the
     # allocator's cache. The other cases run with the allocator a training run has.
     env = dict(os.environ)
-    if any(spec["kind"] == "loss" for spec in specs):
+    if all(spec["kind"] == "loss" for spec in specs):
         env.update(MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    results: list[dict[str, Any]] = []
     with tempfile.TemporaryFile("w+") as stderr:
         proc = subprocess.Popen([sys.executable, "-m", "detfocal.benchmark", "--worker", json.dumps(specs)],
                                 stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
-        timer = threading.Timer(timeout * len(specs), proc.kill)
+        timed_out = threading.Event()
+
+        def kill() -> None:
+            timed_out.set()
+            proc.kill()
+
+        timer = threading.Timer(timeout * len(specs), kill)
         timer.start()
-        last, started, start = None, False, time.perf_counter()
+        started, start = False, time.perf_counter()
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
                 if line.startswith(PROGRESS):
-                    if started:
-                        print(f" ({time.perf_counter() - start:.0f} s)", flush=True)
                     print(f"  running {line[len(PROGRESS):].strip()}", end="", flush=True)
                     started, start = True, time.perf_counter()
-                else:
-                    last = line
+                elif line.startswith(RESULT):
+                    results.append(json.loads(line[len(RESULT):]))
+                    print(f" ({time.perf_counter() - start:.0f} s)", flush=True)
+                    started = False
             proc.wait()
         finally:
             timer.cancel()
         if started:
-            print(f" ({time.perf_counter() - start:.0f} s)", flush=True)
-        if proc.returncode != 0 or last is None:
+            print(" (failed)", flush=True)
+        if len(results) < len(specs):
             stderr.seek(0)
             tail = (stderr.read().strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
-            return [{**spec, "error": tail} for spec in specs]
-    return [{**spec, **result} for spec, result in zip(specs, json.loads(last))]
+            error = f"timed out after {timeout * len(specs):.0f} s" if timed_out.is_set() else tail
+            results += [{"error": error}] * (len(specs) - len(results))
+    return [{**spec, **result} for spec, result in zip(specs, results)]
 
 
 def build_specs(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
@@ -192,7 +210,8 @@ def build_specs(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
             raise FileNotFoundError(f"--checkpoint: {args.checkpoint} does not exist; name a detfocal checkpoint, "
                                     f"e.g. runs/shapes_retinanet_r18/best.pth after the demo")
         specs["inference"] = [{**common, "kind": "inference", "config": str(path),
-                               "model": args.checkpoint.name if args.checkpoint else "untrained", "repeats": 2 if quick else 3,
+                               "model": args.checkpoint.name if args.checkpoint else "untrained",
+                               "repeats": 2 if quick else 3,
                                "num_images": 48 if quick else 200,
                                "checkpoint": str(args.checkpoint) if args.checkpoint else None}]
     if "profile" in args.cases:
@@ -269,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
+        worker(json.loads(args.worker))  # its results go to stdout line by line
         return 0
     import torch
 
@@ -284,7 +303,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                f"device {args.device}" + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else ""))
     print(f"detfocal benchmark: {machine}{' (quick)' if args.quick else ''}", flush=True)
     specs = [{**spec, "case": name} for name, group in build_specs(args).items() for spec in group]
-    batches = [specs] if args.quick else [[spec] for spec in specs]
+    if args.quick:
+        loss_specs = [spec for spec in specs if spec["kind"] == "loss"]
+        other_specs = [spec for spec in specs if spec["kind"] != "loss"]
+        batches = [batch for batch in (loss_specs, other_specs) if batch]
+    else:
+        batches = [[spec] for spec in specs]
     results: dict[str, list[dict[str, Any]]] = {}
     for batch in batches:
         for result in run_cases(batch, args.timeout):

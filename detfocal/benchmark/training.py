@@ -33,14 +33,16 @@ def torchvision_twin(model: Any) -> Any:
                          norm_layer=infer_norm_layer(classification.conv[0]) if len(classification.conv) else None)
     head.classification_head.conv = copy.deepcopy(classification.conv)  # torchvision fixes 4 convs; ours may differ
     stock = RetinaNet(body, num_classes, min_size=model.transform.min_size, max_size=model.transform.max_size,
-                      anchor_generator=AnchorGenerator(model.anchor_generator.sizes, model.anchor_generator.aspect_ratios),
+                      anchor_generator=AnchorGenerator(model.anchor_generator.sizes,
+                                                       model.anchor_generator.aspect_ratios),
                       head=head, fg_iou_thresh=model.proposal_matcher.high_threshold,
                       bg_iou_thresh=model.proposal_matcher.low_threshold, score_thresh=model.score_thresh,
                       nms_thresh=model.nms_thresh, detections_per_img=model.detections_per_img,
                       topk_candidates=model.topk_candidates, image_mean=model.transform.image_mean,
                       image_std=model.transform.image_std)
     result = stock.load_state_dict(model.state_dict(), strict=False)
-    if result.missing_keys or any(key != "head.classification_head.num_foreground_ema" for key in result.unexpected_keys):
+    unexpected = [key for key in result.unexpected_keys if key != "head.classification_head.num_foreground_ema"]
+    if result.missing_keys or unexpected:
         raise RuntimeError(f"torchvision twin: missing {result.missing_keys}, unexpected {result.unexpected_keys}")
     return stock.train(model.training)
 

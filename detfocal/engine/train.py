@@ -330,8 +330,9 @@ def _train(cfg: Any, out_dir: Path, resume: str | Path | bool | None, overwrite:
         model = model.to(memory_format=torch.channels_last)
     # Before any weights are loaded or wrapped: the measurement leaves model and RNGs as they were.
     workers, workers_note = resolve_workers(cfg.data.workers, train_set, batch_size, collate_fn, model, device,
-                                            amp_dtype=amp_dtype,
-                                            local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+                                            amp_dtype=amp_dtype, deterministic=cfg.train.deterministic,
+                                            # Without torchrun's LOCAL_WORLD_SIZE, assume every process shares this node.
+                                            local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
     # Each rank evaluates every world_size-th image, with no padding repeats; its own generator
     # keeps evaluation from drawing on the global RNG, so evaluating does not change training.
     val_loader = DataLoader(val_set, batch_size=cfg.eval.batch_size, sampler=list(range(rank, len(val_set), world_size)),

@@ -105,14 +105,21 @@ def time_step(model: torch.nn.Module, images: Sequence[torch.Tensor], *, amp_dty
 
 def resolve_workers(setting: int | str, dataset: Any, batch_size: int, collate_fn: Callable[[list[Any]], Any],
                     model: torch.nn.Module, device: torch.device, *, amp_dtype: torch.dtype | None = None,
-                    training: bool = True, local_world_size: int = 1) -> tuple[int, str | None]:
+                    training: bool = True, local_world_size: int = 1,
+                    deterministic: bool = False) -> tuple[int, str | None]:
     """``data.workers`` as a number: itself, or for "auto" the measured choice of :func:`choose_workers`.
+
+    With ``deterministic`` (``train.deterministic``), "auto" is 0 without measuring: with
+    workers the augmentations draw from per-worker generators, so a choice that depends on
+    a timing would make the same seed train on other images from one run to the next.
 
     Returns:
         ``(workers, reason)``: reason is None for a number, else one line for the log.
     """
     if setting != "auto":
         return int(setting), None
+    if deterministic:
+        return 0, "data.workers: auto chose 0 (train.deterministic: the augmentations must not depend on a timing)"
     if len(dataset) == 0:
         return 0, "data.workers: auto chose 0 (no images)"
     load_seconds, (images, _) = time_batch_load(dataset, batch_size, collate_fn)

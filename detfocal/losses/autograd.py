@@ -172,8 +172,14 @@ class SavedGradFunction(torch.autograd.Function):
     def input_grads(cls, ctx, grad_output: Tensor) -> list[Tensor | None]:
         upstream = cls.upstream(grad_output)
         grads = ctx.grads
+        if grads is None:
+            # The gradients are plain attributes, so autograd's own check for this cannot see them.
+            raise RuntimeError("Trying to backward through the graph a second time (or directly access saved "
+                               "tensors after they have already been freed): a detfocal loss hands its saved "
+                               "gradient on in the first backward. Specify retain_graph=True if you need to "
+                               "backward a second time.")
         if not _graph_is_kept():
-            ctx.grads = [None] * len(grads)  # the last backward: hand the buffers on, keep no reference
+            ctx.grads = None  # the last backward: hand the buffers on, keep no reference
         result: list[Tensor | None] = []
         for index, (grad, meta) in enumerate(zip(grads, ctx.input_meta)):
             if grad is None:

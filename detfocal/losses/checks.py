@@ -211,9 +211,13 @@ def normalizer_tensor(normalizer: Tensor | float | None, reduction: str, logits:
         if normalizer.numel() != 1 or normalizer.is_complex():
             raise ValueError(f"normalizer must be a number or a one-element real tensor, got a {normalizer.dtype} "
                              f"tensor of shape {tuple(normalizer.shape)}")
-        tensor = normalizer.detach().reshape(()).to(device=logits.device, dtype=dtype)
-        if tensor.device.type == "cpu":
-            check_real(tensor, "normalizer", low=0.0, low_open=True)
-        return tensor
-    value = check_real(normalizer, "normalizer", low=0.0, low_open=True)
-    return torch.tensor(value, dtype=dtype, device=logits.device)
+        check_no_grad(normalizer, "normalizer", "sigmoid_focal_loss")
+        tensor = normalizer.detach().reshape(()).to(dtype)
+    else:
+        check_real(normalizer, "normalizer", low=0.0, low_open=True)
+        tensor = torch.tensor(float(normalizer), dtype=dtype)
+    # Checked in the compute dtype, where a tiny or huge number may have become 0 or inf.
+    if tensor.device.type == "cpu":
+        check_real(tensor, "normalizer" + (f" (as {dtype})" if not isinstance(normalizer, Tensor) or
+                                           normalizer.dtype != dtype else ""), low=0.0, low_open=True)
+    return tensor.to(logits.device)

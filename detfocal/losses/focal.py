@@ -213,11 +213,11 @@ def sigmoid_focal_loss(
             non-ignored elements, i.e. non-ignored rows * C; an all-ignored input gives 0).
         ignore_index: integer label of rows to ignore (integer targets only).
         label_smoothing: eps in [0, 1]; targets become t (1 - eps) + eps / 2.
-        normalizer: "sum" and "mean" only: a positive number (or one-element tensor, read
+        normalizer: "sum" and "mean" only: a positive number (or a one-element tensor
             without gradient) the reduced loss is divided by, such as a detector's positive
-            count. Same value as dividing the result, but the division happens inside the
-            loss's own kernel, so a plain ``loss.backward()`` makes no pass over the
-            gradient.
+            count; checked in the compute dtype (fp32 for half logits). Same value as
+            dividing the result, but the division happens inside the loss's own kernel,
+            so a plain ``loss.backward()`` makes no pass over the gradient.
 
     Returns:
         The loss in fp32 (fp64 for fp64 logits). Its gradient flows back in the logits'

@@ -183,22 +183,27 @@ def focal_head_loss(
 
     # The normaliser is known from the labels before the loss, so the loss divides by it
     # inside its own kernel and a plain backward() makes no pass over the gradient.
+    dtype = checks.compute_dtype(cls_logits)
     if normalization == "batch":
-        normalizer = foreground_normalizer(foreground, reduce)
-    else:
-        assert num_foreground_ema is not None
-        num_foreground, world_size = _count_over(foreground, reduce_group(reduce))
-        if update_ema:
-            with torch.no_grad():
-                count = num_foreground.clamp(min=1).to(num_foreground_ema.dtype) / world_size  # per process
-                num_foreground_ema.mul_(ema_momentum).add_((1.0 - ema_momentum) * count)
-        # Clamped as "batch" clamps the global count at 1.
-        normalizer = num_foreground_ema.detach().reshape(()).clamp(min=1 / world_size)
-    return sigmoid_focal_loss(cls_logits, labels, alpha, gamma, "sum", ignore_index=IGNORE_LABEL,
-                              normalizer=normalizer)
+        return sigmoid_focal_loss(cls_logits, labels, alpha, gamma, "sum", ignore_index=IGNORE_LABEL,
+                                  normalizer=foreground_normalizer(foreground, reduce, dtype))
+    assert num_foreground_ema is not None
+    num_foreground, world_size = _count_over(foreground, reduce_group(reduce))
+    ema = num_foreground_ema.detach()
+    if update_ema:
+        count = num_foreground.clamp(min=1).to(ema.dtype) / world_size  # per process
+        ema = ema * ema_momentum + (1.0 - ema_momentum) * count
+    # Clamped as "batch" clamps the global count at 1.
+    loss = sigmoid_focal_loss(cls_logits, labels, alpha, gamma, "sum", ignore_index=IGNORE_LABEL,
+                              normalizer=ema.reshape(()).clamp(min=1 / world_size))
+    if update_ema:  # only once the loss has accepted its inputs: a refused call leaves the buffer alone
+        with torch.no_grad():
+            num_foreground_ema.copy_(ema)
+    return loss
 
 
-def foreground_normalizer(foreground: Tensor, reduce: ReduceLike = "auto") -> Tensor:
+def foreground_normalizer(foreground: Tensor, reduce: ReduceLike = "auto",
+                          dtype: torch.dtype = torch.float32) -> Tensor:
     """The "batch" rule's divisor: max(1, positives of the global batch) / world size.
 
     The count is all-reduced over :func:`reduce_group` ``(reduce)`` without gradient, so
@@ -208,17 +213,18 @@ def foreground_normalizer(foreground: Tensor, reduce: ReduceLike = "auto") -> Te
     Args:
         foreground: bool ``[B, N]`` (or any shape) marking this process's positive anchors.
         reduce: "auto", "none" or a process group, as in :func:`focal_head_loss`.
+        dtype: of the result: the loss's compute dtype (fp64 logits keep fp64 exactness).
 
     Returns:
-        A float32 0-d tensor without gradient.
+        A 0-d tensor without gradient.
     """
     num_foreground, world_size = _count_over(foreground, reduce_group(reduce))
-    return num_foreground.clamp(min=1).to(torch.float32) / world_size
+    return num_foreground.clamp(min=1).to(dtype) / world_size
 
 
 def normalize_by_foreground(loss_sum: Tensor, foreground: Tensor, reduce: ReduceLike = "auto") -> Tensor:
     """The "batch" rule applied to a summed loss: ``loss_sum / foreground_normalizer(foreground, reduce)``."""
-    return loss_sum / foreground_normalizer(foreground, reduce).to(loss_sum.dtype)
+    return loss_sum / foreground_normalizer(foreground, reduce, loss_sum.dtype)
 
 
 def stack_matched_idxs(matched_idxs: Sequence[Tensor] | Tensor, num_boxes: Sequence[int],
