@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
+
+from .timing import add_seconds, around_method, around_module
 
 def eval_case(spec: dict[str, Any]) -> dict[str, Any]:
     from detfocal.evaluation.coco import STAT_NAMES, evaluate_results
@@ -25,31 +28,6 @@ def eval_case(spec: dict[str, Any]) -> dict[str, Any]:
 INFERENCE_ROWS = ("data loading + transforms", "model transform (normalize, batch)", "backbone + FPN", "head convs",
                   "anchor generation", "post-processing (score filter, per-level top-k, batched_nms)",
                   "box rescale", "COCO update + evaluate")
-
-
-def _timed_module(module: Any, label: str, totals: dict[str, float]) -> None:
-    """Add the wall time of every forward of ``module`` to ``totals[label]`` (module hooks)."""
-    starts: list[float] = []
-    module.register_forward_pre_hook(lambda *_: starts.append(time.perf_counter()))
-
-    def leave(*_: Any) -> None:
-        totals[label] = totals.get(label, 0.0) + time.perf_counter() - starts.pop()
-
-    module.register_forward_hook(leave)
-
-
-def _timed_method(owner: Any, name: str, label: str, totals: dict[str, float]) -> None:
-    """Shadow ``owner.name`` with an instance attribute adding its wall time to ``totals[label]``."""
-    method = getattr(owner, name)
-
-    def timed(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return method(*args, **kwargs)
-        finally:
-            totals[label] = totals.get(label, 0.0) + time.perf_counter() - start
-
-    setattr(owner, name, timed)
 
 
 def inference_case(spec: dict[str, Any]) -> dict[str, Any]:
@@ -79,12 +57,11 @@ def inference_case(spec: dict[str, Any]) -> dict[str, Any]:
         source = "an untrained model (few scores pass score_thresh: pass --checkpoint for a trained one)"
     model.eval()
     totals: dict[str, float] = {}
-    _timed_module(model.transform, INFERENCE_ROWS[1], totals)
-    _timed_module(model.backbone, INFERENCE_ROWS[2], totals)
-    _timed_module(model.head, INFERENCE_ROWS[3], totals)
-    _timed_module(model.anchor_generator, INFERENCE_ROWS[4], totals)
-    _timed_method(model, "postprocess_detections", INFERENCE_ROWS[5], totals)
-    _timed_method(model.transform, "postprocess", INFERENCE_ROWS[6], totals)
+    for module, label in ((model.transform, INFERENCE_ROWS[1]), (model.backbone, INFERENCE_ROWS[2]),
+                          (model.head, INFERENCE_ROWS[3]), (model.anchor_generator, INFERENCE_ROWS[4])):
+        around_module(module, partial(add_seconds, totals, label))
+    around_method(model, "postprocess_detections", partial(add_seconds, totals, INFERENCE_ROWS[5]))
+    around_method(model.transform, "postprocess", partial(add_seconds, totals, INFERENCE_ROWS[6]))
     runs = []
     with tempfile.TemporaryDirectory() as folder:
         paths = shapes.generate(Path(folder) / "shapes", num_train=0, num_val=spec["num_images"], **params)
@@ -97,21 +74,18 @@ def inference_case(spec: dict[str, Any]) -> dict[str, Any]:
             detections = 0
             with torch.no_grad():
                 while True:
-                    batch_start = time.perf_counter()
                     try:
-                        images, targets = next(loader)
+                        with add_seconds(totals, INFERENCE_ROWS[0]):
+                            images, targets = next(loader)
                     except StopIteration:
                         break
-                    totals[INFERENCE_ROWS[0]] = totals.get(INFERENCE_ROWS[0], 0.0) + time.perf_counter() - batch_start
                     outputs = model(images)
                     detections += sum(len(output["boxes"]) for output in outputs)
-                    coco_start = time.perf_counter()
-                    evaluator.update({target["image_id"]: {k: v.float() for k, v in output.items()}
-                                      for target, output in zip(targets, outputs)})
-                    totals[INFERENCE_ROWS[7]] = totals.get(INFERENCE_ROWS[7], 0.0) + time.perf_counter() - coco_start
-            coco_start = time.perf_counter()
-            summary = evaluator.summarize()
-            totals[INFERENCE_ROWS[7]] += time.perf_counter() - coco_start
+                    with add_seconds(totals, INFERENCE_ROWS[7]):
+                        evaluator.update({target["image_id"]: {k: v.float() for k, v in output.items()}
+                                          for target, output in zip(targets, outputs)})
+            with add_seconds(totals, INFERENCE_ROWS[7]):
+                summary = evaluator.summarize()
             if repeat:
                 runs.append({"seconds": time.perf_counter() - start, **totals})
     median = {key: statistics.median(run[key] for run in runs) for key in runs[0]}

@@ -4,9 +4,11 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
+from .timing import around_method, around_module
 from .training import torchvision_twin
 
 # The demo's training step, by component. Each label is a record_function range opened from the
@@ -25,35 +27,17 @@ NON_CONV_ROWS = ("matching", "target encoding", "classification loss", "box loss
 
 
 def _label_module(module: Any, label: str) -> None:
-    """Open a record_function range named ``label`` around every forward of ``module`` (hooks)."""
+    """Open a record_function range named ``label`` around every forward of ``module``."""
     from torch.profiler import record_function
 
-    open_ranges: list[Any] = []
-
-    def enter(*_: Any) -> None:
-        open_ranges.append(record_function(label))
-        open_ranges[-1].__enter__()
-
-    def leave(*_: Any) -> None:
-        open_ranges.pop().__exit__(None, None, None)
-
-    module.register_forward_pre_hook(enter)
-    module.register_forward_hook(leave)
+    around_module(module, partial(record_function, label))
 
 
 def _label_method(owner: Any, name: str, label: str) -> None:
-    """Shadow ``owner.name`` with an instance attribute that runs it inside a range ``label`` (if it has one)."""
+    """Run ``owner.name`` inside a range ``label`` (torchvision's head has no labels_for_loss: skipped)."""
     from torch.profiler import record_function
 
-    method = getattr(owner, name, None)
-    if method is None:  # torchvision's head has no labels_for_loss: its target encoding is inside its loss
-        return
-
-    def labelled(*args: Any, **kwargs: Any) -> Any:
-        with record_function(label):
-            return method(*args, **kwargs)
-
-    setattr(owner, name, labelled)
+    around_method(owner, name, partial(record_function, label))
 
 
 def label_retinanet(model: Any) -> None:

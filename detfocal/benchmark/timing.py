@@ -1,12 +1,13 @@
 """Timing and memory measurement shared by the benchmark's cases."""
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import statistics
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager, Iterator
 
 class PeakRSS:
     """Samples this process's resident memory in a thread; ``extra_mb`` is the peak above the start."""
@@ -76,3 +77,41 @@ def time_call(fn: Callable[[], Any], repeats: int, device: str) -> tuple[float, 
 def fmt(value: float | None, pattern: str = "{:.1f}") -> str:
     """``value`` formatted, or "-" for a missing or NaN value."""
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else pattern.format(value)
+
+
+def around_module(module: Any, context: Callable[[], ContextManager[Any]]) -> None:
+    """Run every forward of ``module`` inside a fresh ``context()`` (forward hooks, from outside the library)."""
+    open_contexts: list[ContextManager[Any]] = []
+
+    def enter(*_: Any) -> None:
+        open_contexts.append(context())
+        open_contexts[-1].__enter__()
+
+    def leave(*_: Any) -> None:
+        open_contexts.pop().__exit__(None, None, None)
+
+    module.register_forward_pre_hook(enter)
+    module.register_forward_hook(leave)
+
+
+def around_method(owner: Any, name: str, context: Callable[[], ContextManager[Any]]) -> None:
+    """Shadow ``owner.name`` with an instance attribute running it inside ``context()``; no-op if it has none."""
+    method = getattr(owner, name, None)
+    if method is None:
+        return
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with context():
+            return method(*args, **kwargs)
+
+    setattr(owner, name, wrapped)
+
+
+@contextlib.contextmanager
+def add_seconds(totals: dict[str, float], label: str) -> Iterator[None]:
+    """Add the wall time of the ``with`` body to ``totals[label]``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        totals[label] = totals.get(label, 0.0) + time.perf_counter() - start

@@ -80,7 +80,7 @@ def divide_loss_and_grads(total: Tensor, grads: tuple[Tensor | None, ...], divis
     The gradients are multiplied by the reciprocal (one multiply per element, fused into
     the gradient's kernel under ``torch.compile``); the loss itself is divided.
     """
-    divisor = combine_divisors(divisor, normalizer, total.dtype)
+    divisor = combine_divisors(divisor, normalizer)
     if divisor is None:
         return total, grads
     inverse = 1.0 / divisor
@@ -90,12 +90,15 @@ def divide_loss_and_grads(total: Tensor, grads: tuple[Tensor | None, ...], divis
     return total / divisor, tuple(scaled)
 
 
-def combine_divisors(divisor: Tensor | None, normalizer: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    """``divisor * normalizer`` as a 0-d ``dtype`` tensor, where either may be None (None: divide by nothing)."""
-    if normalizer is not None:
-        normalizer = normalizer.detach().reshape(()).to(dtype)
-        divisor = normalizer if divisor is None else divisor * normalizer
-    return divisor
+def combine_divisors(divisor: Tensor | None, normalizer: Tensor | None) -> Tensor | None:
+    """``divisor * normalizer``, where either may be None (None: divide by nothing).
+
+    Both are 0-d tensors of the loss's compute dtype (``checks.normalizer_tensor`` makes the
+    normaliser so).
+    """
+    if normalizer is None:
+        return divisor
+    return normalizer if divisor is None else divisor * normalizer
 
 
 def saved_grad_loss(fn: LossFn, *inputs: Tensor | None, rowwise: bool = False) -> Tensor:

@@ -164,7 +164,7 @@ def focal_int_targets(z: Tensor, labels: Tensor, alpha: Tensor | None, gamma: fl
     # The divisor of "mean" (non-ignored elements) and any normaliser are known from the
     # labels before the loss, so they scale the gradient in the same pass that writes it.
     count = (valid.sum() * num_classes).to(z.dtype).clamp(min=1) if reduction == "mean" else None
-    divisor = combine_divisors(count, normalizer, z.dtype)
+    divisor = combine_divisors(count, normalizer)
     row_scale = valid_f if divisor is None else valid_f / divisor  # [..., 1]: 0 on ignored rows
     if grad is not None:
         assert pos_grad is not None and neg_grad_label is not None
