@@ -16,8 +16,8 @@ __version__ = "0.2.0"
 
 # public name -> module that defines it
 _LAZY = {
-    "BACKBONES": "detfocal.registry", "DETECTORS": "detfocal.registry", "HEADS": "detfocal.registry",
-    "Registry": "detfocal.registry",
+    "BACKBONES": "detfocal.utils.registry", "DETECTORS": "detfocal.utils.registry", "HEADS": "detfocal.utils.registry",
+    "Registry": "detfocal.utils.registry",
     "SigmoidFocalLoss": "detfocal.losses", "sigmoid_focal_loss": "detfocal.losses",
     "softmax_focal_loss": "detfocal.losses",
     "FocalClassificationHead": "detfocal.modeling", "focal_head_loss": "detfocal.modeling",

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from detfocal.config import load_config, parse_override_value
-from detfocal.io import atomic_write, write_json_atomic
+from detfocal.utils.io import atomic_write, write_json_atomic
 SHORTHANDS = {"gamma": "model.head.gamma", "alpha": "model.head.alpha", "normalization": "model.head.normalization"}
 # Lin et al. 2017, Table 1 (ResNet-50-FPN, 600 px, COCO minival): (gamma, alpha) -> (AP, AP50, AP75).
 PAPER_TABLE1: dict[tuple[float, float], tuple[float, float | None, float | None]] = {

@@ -110,7 +110,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _subset(args: argparse.Namespace) -> int:
     from detfocal.data.subset import check_output_path, make_subset, summarize_subset
-    from detfocal.io import write_json_atomic
+    from detfocal.utils.io import write_json_atomic
 
     def split(text: str) -> list[str]:
         return [item.strip() for item in text.split(",") if item.strip()]

@@ -258,7 +258,7 @@ class ModelConfig(_Section):
     @field_validator("type", "backbone")
     @classmethod
     def _registered(cls, value: str, info: ValidationInfo) -> str:
-        from detfocal.registry import BACKBONES, DETECTORS
+        from detfocal.utils.registry import BACKBONES, DETECTORS
         _registry_entry(DETECTORS if info.field_name == "type" else BACKBONES, value, f"model.{info.field_name}", info)
         return value
 
@@ -272,7 +272,7 @@ class ModelConfig(_Section):
     @field_validator("head")
     @classmethod
     def _resolve_head(cls, head: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        from detfocal.registry import HEADS
+        from detfocal.utils.registry import HEADS
         factory = _registry_entry(HEADS, head.get("type", "focal"), "model.head.type", info)
         schema = _signature_schema(factory, _HEAD_BUILD_ARGS, _HEAD_KEYS)
         return _validate(schema, head, "model.head", f" for head type {head.get('type', 'focal')!r}").model_dump()

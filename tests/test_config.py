@@ -13,7 +13,7 @@ import pytest
 from detfocal.config import (Config, apply_overrides, config_from_dict, config_to_dict, config_to_yaml, data_paths,
                              import_modules, load_config, model_kwargs, optimizer_kwargs, parse_override_value,
                              scheduler_kwargs)
-from detfocal.registry import HEADS
+from detfocal.utils.registry import HEADS
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -21,7 +21,7 @@ CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 
 def head_defaults(head_type: str, **given) -> dict:
     """What model.head should resolve to: the registered head's signature defaults, then ``given``."""
-    from detfocal.registry import HEADS
+    from detfocal.utils.registry import HEADS
 
     parameters = inspect.signature(HEADS.get(head_type)).parameters.values()
     defaults = {p.name: p.default for p in parameters if p.default is not p.empty and p.name != "norm_layer"}
@@ -334,14 +334,14 @@ def test_invalid_yaml_is_one_line_value_error(tmp_path):
 @pytest.fixture
 def head_module(tmp_path, monkeypatch):
     """A module in the working directory that registers a head and leaves a mark when imported."""
-    from detfocal.registry import HEADS
+    from detfocal.utils.registry import HEADS
 
     name = f"cfg_heads_{uuid.uuid4().hex[:8]}"
     write(tmp_path / f"{name}.py", f"""
 import pathlib
 pathlib.Path("{name}.imported").touch()
 from detfocal.modeling.heads import FocalClassificationHead
-from detfocal.registry import HEADS
+from detfocal.utils.registry import HEADS
 
 @HEADS.register("{name}")
 class Head(FocalClassificationHead):

@@ -18,7 +18,7 @@ from detfocal.cli import main as cli_main
 from detfocal.engine import precision
 from detfocal.engine import train as train_module
 from detfocal.engine.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
-from detfocal.engine.logging import read_metrics
+from detfocal.utils.io import read_jsonl as read_metrics
 from detfocal.engine.optim import build_ema, build_lr_schedule, build_optimizer, lr_factor, set_lr
 from detfocal.engine.precision import resolve_amp
 from detfocal.engine.train import prepare_output_dir, train_step

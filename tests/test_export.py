@@ -14,7 +14,7 @@ from detfocal.data import load_image, shapes
 from detfocal.engine.checkpoint import save_checkpoint
 from detfocal.engine.export import export_onnx, run_onnx
 from detfocal.engine.inference import load_model
-from detfocal.registry import DETECTORS
+from detfocal.utils.registry import DETECTORS
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "shapes_retinanet_r18.yaml"

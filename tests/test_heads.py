@@ -381,7 +381,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, directory: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from detfocal.engine import distributed
+    from detfocal.utils import comm as distributed
 
     try:
         init = distributed.init_distributed(backend="gloo")

@@ -13,7 +13,7 @@ from detfocal.modeling.heads import FocalClassificationHead, focal_head_loss, la
 from detfocal.modeling.quality_heads import (QualityFocalClassificationHead, VarifocalClassificationHead,
                                              box_quality_targets)
 from detfocal.modeling.retinanet import FocalRetinaNet, build_retinanet, retinanet_head_loss
-from detfocal.registry import HEADS
+from detfocal.utils.registry import HEADS
 
 F64 = torch.float64
 NUM_CLASSES = 3

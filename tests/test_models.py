@@ -23,7 +23,7 @@ from detfocal.modeling import retinanet
 from detfocal.modeling.matching import anchor_crowd_ioa, match_anchors, match_anchors_batched
 from detfocal.modeling.retinanet import (CachedAnchorGenerator, FocalRetinaNet, build_retinanet, convert_retinanet,
                                          resolve_backbone_weights)
-from detfocal.registry import BACKBONES, DETECTORS, HEADS, Registry
+from detfocal.utils.registry import BACKBONES, DETECTORS, HEADS, Registry
 
 SMALL = {"fpn_channels": 64, "min_size": 128, "max_size": 128}
 

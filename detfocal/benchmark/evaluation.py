@@ -41,7 +41,7 @@ def inference_case(spec: dict[str, Any]) -> dict[str, Any]:
     from detfocal.data import CocoDetection, build_transforms, collate_fn, shapes
     from detfocal.engine.inference import load_model
     from detfocal.evaluation.coco import CocoEvaluator
-    from detfocal.registry import DETECTORS
+    from detfocal.utils.registry import DETECTORS
 
     cfg = load_config(spec["config"])
     params = {key: value for key, value in dict(cfg.data.shapes or {}).items()

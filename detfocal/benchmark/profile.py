@@ -138,7 +138,7 @@ def profile_case(spec: dict[str, Any]) -> dict[str, Any]:
     from detfocal.engine.optim import build_optimizer
     from detfocal.engine.precision import resolve_amp
     from detfocal.engine.train import train_step
-    from detfocal.registry import DETECTORS
+    from detfocal.utils.registry import DETECTORS
 
     cfg = load_config(spec["config"])
     batch, warmup, steps = spec["batch"], 2, spec["repeats"]

@@ -53,7 +53,7 @@ def train_model(spec: dict[str, Any]) -> tuple[Any, int, int, int]:
 
     if spec.get("config"):
         from detfocal.config import load_config, model_kwargs
-        from detfocal.registry import DETECTORS
+        from detfocal.utils.registry import DETECTORS
 
         cfg = load_config(spec["config"])
         from detfocal.data.shapes import CATEGORIES

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from detfocal.io import write_json_atomic
+from detfocal.utils.io import write_json_atomic
 
 # (category id, name, share of objects). The ids have gaps on purpose.
 CATEGORIES: tuple[tuple[int, str, float], ...] = (

@@ -15,11 +15,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from detfocal.io import atomic_write
+from detfocal.utils.io import atomic_write
 
 
 def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> Path:
-    """Write ``state`` to ``path`` atomically (:func:`detfocal.io.atomic_write`).
+    """Write ``state`` to ``path`` atomically (:func:`detfocal.utils.io.atomic_write`).
 
     A crash or Ctrl-C mid-write leaves the previous checkpoint intact, never a truncated one.
 

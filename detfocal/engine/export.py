@@ -95,7 +95,7 @@ def export_onnx(checkpoint: str | Path | Mapping[str, Any], out: str | Path, *, 
         >>> detections = run_onnx(path, load_image("shape.png"))  # {"boxes", "scores", "labels"}
     """
     from detfocal.engine.inference import load_model
-    from detfocal.io import atomic_write
+    from detfocal.utils.io import atomic_write
 
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
         raise ValueError(f"image_size: expected None (any size) or a positive int, got {image_size!r}")

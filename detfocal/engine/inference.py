@@ -115,7 +115,7 @@ def load_model(checkpoint: str | Path | Mapping[str, Any], config: str | Path | 
     """
     from detfocal.config import config_from_dict, load_config, model_kwargs
     from detfocal.engine.checkpoint import check_compatible, load_checkpoint, load_weights
-    from detfocal.registry import DETECTORS
+    from detfocal.utils.registry import DETECTORS
 
     source = source or ("<dict>" if isinstance(checkpoint, Mapping) else str(checkpoint))
     state = checkpoint if isinstance(checkpoint, Mapping) else load_checkpoint(checkpoint)
@@ -155,7 +155,7 @@ def evaluate_checkpoint(checkpoint: str | Path, config: str | Path | None = None
     from detfocal.evaluation.plots import write_reports
     from detfocal.engine.checkpoint import load_checkpoint
     from detfocal.engine.workers import resolve_workers
-    from detfocal.io import ensure_writable_dir, write_json_atomic
+    from detfocal.utils.io import ensure_writable_dir, write_json_atomic
 
     checkpoint = Path(checkpoint)
     state = load_checkpoint(checkpoint)
@@ -207,7 +207,7 @@ def predict_images(checkpoint: str | Path, images: Sequence[str | Path], out_dir
     from PIL import Image
 
     from detfocal.data import load_image
-    from detfocal.io import ensure_writable_dir
+    from detfocal.utils.io import ensure_writable_dir
 
     if not 0.0 <= score_thresh <= 1.0:
         raise ValueError(f"--score-thresh: expected a score in [0, 1], got {score_thresh}")

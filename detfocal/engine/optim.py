@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
+from detfocal.utils._compat import foreach_copy_, foreach_lerp_
+
 
 def build_optimizer(model: nn.Module, *, name: str, lr: float, momentum: float = 0.9,
                     weight_decay: float = 1e-4) -> torch.optim.Optimizer:
@@ -111,10 +113,10 @@ def build_ema(model: nn.Module, *, decay: float, warmup_iters: int) -> AveragedM
 
     def average(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
         if not averaged[0].is_floating_point():
-            torch._foreach_copy_(averaged, current)
+            foreach_copy_(averaged, current)
             return
         updates = float(num_averaged)
         ramp = 1.0 - math.exp(-updates / warmup_iters) if warmup_iters else 1.0
-        torch._foreach_lerp_(averaged, current, 1.0 - decay * ramp)
+        foreach_lerp_(averaged, current, 1.0 - decay * ramp)
 
     return AveragedModel(model, multi_avg_fn=average, use_buffers=True)

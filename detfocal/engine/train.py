@@ -36,15 +36,15 @@ from detfocal.config import (config_from_dict, config_to_dict, config_to_yaml, d
 from detfocal.data import CocoDetection, build_transforms, collate_fn
 from detfocal.engine.checkpoint import (capture_rng_state, check_compatible, load_checkpoint, load_detector_weights,
                                         restore_rng_state, save_checkpoint)
-from detfocal.engine.distributed import all_reduce_sum, cleanup, init_distributed, is_dist_initialized
+from detfocal.utils.comm import all_reduce_sum, cleanup, init_distributed, is_dist_initialized
 from detfocal.engine.inference import draw_detections, evaluate
 from detfocal.engine.logging import append_metrics, format_summary, log_scalars, open_tensorboard, read_metrics
 from detfocal.engine.optim import build_ema, build_lr_schedule, build_optimizer, set_lr
 from detfocal.engine.precision import resolve_amp
 from detfocal.engine.workers import resolve_workers
 from detfocal.evaluation.coco import STAT_NAMES, CocoEvaluator
-from detfocal.io import atomic_write, ensure_writable_dir, remove_stale_temporaries, write_json_atomic
-from detfocal.registry import DETECTORS
+from detfocal.utils.io import atomic_write, ensure_writable_dir, remove_stale_temporaries, write_json_atomic
+from detfocal.utils.registry import DETECTORS
 
 __all__ = ["RUN_FILES", "prepare_output_dir", "train", "train_step"]
 

@@ -23,7 +23,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from detfocal.data.subset import load_coco_annotations
-from detfocal.io import atomic_write, write_json_atomic
+from detfocal.utils.io import atomic_write, write_json_atomic
 
 # Names of COCOeval.stats, in pycocotools' order. -1.0 means "no ground truth in that area range".
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")

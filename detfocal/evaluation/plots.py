@@ -14,9 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from detfocal.engine.logging import read_metrics
 from detfocal.evaluation.coco import CocoEvaluator, per_class_table, write_per_class_csv
-from detfocal.io import atomic_write
+from detfocal.utils.io import atomic_write, read_jsonl
 from detfocal.losses import sigmoid_focal_loss, sigmoid_focal_loss_star
 
 if TYPE_CHECKING:
@@ -199,7 +198,7 @@ def plot_training_curves(metrics_path: str | Path, out_dir: str | Path) -> list[
     from matplotlib.ticker import MaxNLocator
 
 
-    records = read_metrics(metrics_path)
+    records = read_jsonl(metrics_path)
     out_dir = Path(out_dir)
     written = []
     steps = [r for r in records if r.get("type") == "train"]

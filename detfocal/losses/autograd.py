@@ -39,6 +39,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from detfocal.utils._compat import assert_async, graph_is_kept
+
 __all__ = ["LossAndGrads", "LossFn", "RowwiseSavedGradFunction", "SavedGradFunction", "combine_divisors",
            "divide_loss_and_grads", "reduce_loss_and_grad", "saved_grad_loss"]
 
@@ -121,16 +123,6 @@ def saved_grad_loss(fn: LossFn, *inputs: Tensor | None, rowwise: bool = False) -
     return fn(*inputs, needs=needs)[0]
 
 
-def _graph_is_kept() -> bool:
-    """Whether the running backward keeps the graph (``retain_graph``), so another may follow.
-
-    Read from torch's autograd engine; where torch does not expose it, assume it is kept
-    (correct, at the cost of autograd copying the gradient into a leaf's ``.grad``).
-    """
-    getter = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-    return True if getter is None else bool(getter())
-
-
 def _is_one(scale: Tensor) -> bool:
     """Whether a one-element upstream gradient is exactly 1 (checked on CPU only: elsewhere
     reading it would stall the device, and a multiply there costs less than the wait)."""
@@ -181,7 +173,7 @@ class SavedGradFunction(torch.autograd.Function):
                                "tensors after they have already been freed): a detfocal loss hands its saved "
                                "gradient on in the first backward. Specify retain_graph=True if you need to "
                                "backward a second time.")
-        if not _graph_is_kept():
+        if not graph_is_kept():
             ctx.grads = None  # the last backward: hand the buffers on, keep no reference
         result: list[Tensor | None] = []
         for index, (grad, meta) in enumerate(zip(grads, ctx.input_meta)):
@@ -239,7 +231,7 @@ def _scale_logits_grad(ctx, grad: Tensor, upstream: Tensor, dtype: torch.dtype) 
             raise RuntimeError("detfocal focal loss: cannot backpropagate again through a graph whose "
                                "first backward scaled the loss by 0")
     else:
-        torch._assert_async(previous != 0, "detfocal focal loss: second backward after a zero scale")
+        assert_async(previous != 0, "detfocal focal loss: second backward after a zero scale")
     return grad * (scale / previous)
 
 

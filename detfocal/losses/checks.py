@@ -12,6 +12,8 @@ from typing import Sequence, Union
 import torch
 from torch import Tensor
 
+from detfocal.utils._compat import assert_async
+
 AlphaLike = Union[float, Sequence[float], Tensor, None]
 REDUCTIONS = ("none", "mean", "sum")
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -30,7 +32,7 @@ def check_values(values: Tensor, bad: Tensor, name: str, expected: str) -> None:
         if bool(bad.any()):
             raise ValueError(f"{name} holds {values[bad][0].item()}, expected {expected}")
     else:
-        torch._assert_async(~bad.any(), f"{name} holds a value out of range, expected {expected}")
+        assert_async(~bad.any(), f"{name} holds a value out of range, expected {expected}")
 
 
 def check_unit_interval(values: Tensor, name: str) -> None:
@@ -40,7 +42,7 @@ def check_unit_interval(values: Tensor, name: str) -> None:
     low, high = torch.aminmax(values.detach())  # both NaN if any value is NaN
     ok = (low >= 0) & (high <= 1)
     if values.device.type != "cpu":
-        torch._assert_async(ok, f"{name} holds a value outside [0, 1] or NaN, expected values in [0, 1]")
+        assert_async(ok, f"{name} holds a value outside [0, 1] or NaN, expected values in [0, 1]")
     elif not bool(ok):
         check_values(values, ~((values >= 0) & (values <= 1)), name, "values in [0, 1]")
 

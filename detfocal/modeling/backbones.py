@@ -22,7 +22,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from detfocal.registry import BACKBONES
+from detfocal.utils.registry import BACKBONES
 
 __all__ = ["LastLevelP6P7Fp32", "resolve_backbone_weights"]
 

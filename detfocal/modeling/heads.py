@@ -20,12 +20,12 @@ from typing import Callable, Mapping, Sequence, Union
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torchvision.models.detection._utils import Matcher
 from torchvision.ops import Conv2dNormActivation
 
-from detfocal.engine.distributed import get_world_size, is_dist_initialized
 from detfocal.losses import checks, sigmoid_focal_loss
-from detfocal.registry import HEADS
+from detfocal.utils._compat import Matcher
+from detfocal.utils.comm import get_world_size, is_dist_initialized
+from detfocal.utils.registry import HEADS
 
 __all__ = ["EMA_INITIAL_VALUE", "IGNORE_LABEL", "NORMALIZATIONS", "REDUCE_MODES", "FocalClassificationHead",
            "check_reduce", "focal_head_loss", "foreground_normalizer", "labels_from_matched_idxs",

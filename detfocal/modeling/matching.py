@@ -9,10 +9,10 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
-from torchvision.models.detection._utils import Matcher
 from torchvision.ops import box_iou
 
-from .quality_heads import box_area, box_intersection
+from detfocal.utils._compat import Matcher
+from detfocal.utils.box_ops import box_area, box_intersection
 
 __all__ = ["PER_BOX_KEYS", "anchor_crowd_ioa", "match_anchors", "match_anchors_batched", "split_crowd"]
 

@@ -21,47 +21,19 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
-from torchvision.models.detection._utils import BoxCoder
 
 from .heads import IGNORE_LABEL, FocalClassificationHead, ReduceLike, normalize_by_foreground, stack_matched_idxs
 from detfocal.losses import checks, quality_focal_loss, varifocal_loss
-from detfocal.registry import HEADS
+from detfocal.utils._compat import BoxCoder
+from detfocal.utils.box_ops import aligned_box_iou
+from detfocal.utils.registry import HEADS
 
-__all__ = ["QualityFocalClassificationHead", "VarifocalClassificationHead", "box_area", "box_intersection",
-           "box_quality_targets"]
+__all__ = ["QualityFocalClassificationHead", "VarifocalClassificationHead", "box_quality_targets"]
 
 
 # --------------------------------------------------------------------------------------
 # IoU targets.
 # --------------------------------------------------------------------------------------
-def box_area(boxes: Tensor) -> Tensor:
-    """Areas of ``[..., 4]`` boxes (x1, y1, x2, y2) -> ``[...]``."""
-    return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
-
-
-def box_intersection(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """Intersection areas of boxes (x1, y1, x2, y2) broadcast against each other: ``[..., 4]`` -> ``[...]``.
-
-    Aligned pairs take two ``[K, 4]``; all pairs take ``boxes1[:, None]`` and ``boxes2[None]``.
-    """
-    top_left = torch.max(boxes1[..., :2], boxes2[..., :2])
-    bottom_right = torch.min(boxes1[..., 2:], boxes2[..., 2:])
-    size = (bottom_right - top_left).clamp(min=0)
-    return size[..., 0] * size[..., 1]
-
-
-def _aligned_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """IoU of ``boxes1[..., i]`` with ``boxes2[..., i]`` (x1, y1, x2, y2): ``[..., 4]`` x ``[..., 4]`` -> ``[...]``.
-
-    The diagonal of ``torchvision.ops.box_iou`` without its ``[K, K]`` matrix.
-    """
-    intersection = box_intersection(boxes1, boxes2)
-    # Two empty boxes: IoU 0, not 0 / 0.
-    union = (box_area(boxes1) + box_area(boxes2) - intersection).clamp(min=torch.finfo(boxes1.dtype).tiny)
-    # intersection <= union exactly, but rounding may land a hair above 1; the heads demand [0, 1].
-    return (intersection / union).clamp(0.0, 1.0)
-
-
 def box_quality_targets(
     anchors: Sequence[Tensor],
     bbox_regression: Tensor,
@@ -96,8 +68,7 @@ def box_quality_targets(
             [-2, M_i).
 
     Example:
-        >>> from torchvision.models.detection._utils import BoxCoder
-        >>> anchors = [torch.tensor([[0.0, 0.0, 10.0, 10.0], [50.0, 50.0, 60.0, 60.0]])]
+        >>>         >>> anchors = [torch.tensor([[0.0, 0.0, 10.0, 10.0], [50.0, 50.0, 60.0, 60.0]])]
         >>> targets = [{"boxes": torch.tensor([[0.0, 0.0, 10.0, 20.0]])}]
         >>> box_quality_targets(anchors, torch.zeros(1, 2, 4), targets, [torch.tensor([0, -1])],
         ...                     BoxCoder((1.0, 1.0, 1.0, 1.0)))
@@ -142,7 +113,7 @@ def box_quality_targets(
             table[index, : len(boxes)] = boxes.to(device=device, dtype=dtype)
         gather_index = matched.clamp(min=0)[..., None].expand(-1, -1, 4)  # (B, N) -> (B, N, 4)
         matched_boxes = table.gather(1, gather_index)  # (B, max_boxes, 4) -> (B, N, 4)
-        iou = _aligned_box_iou(predicted, matched_boxes)  # (B, N)
+        iou = aligned_box_iou(predicted, matched_boxes)  # (B, N)
         return torch.where(matched >= 0, iou, torch.zeros_like(iou))
 
 

@@ -19,7 +19,6 @@ import torch
 from torch import Tensor, nn
 from torchvision.models import WeightsEnum
 from torchvision.models.detection import RetinaNet
-from torchvision.models.detection._utils import BoxCoder, Matcher
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.retinanet import RetinaNetHead
@@ -29,7 +28,8 @@ from .backbones import resolve_backbone_weights
 from .heads import FocalClassificationHead
 from .matching import match_anchors, match_anchors_batched, split_crowd
 from .quality_heads import box_quality_targets
-from detfocal.registry import BACKBONES, DETECTORS, HEADS
+from detfocal.utils._compat import BoxCoder, Matcher
+from detfocal.utils.registry import BACKBONES, DETECTORS, HEADS
 
 __all__ = ["CachedAnchorGenerator", "FocalRetinaNet", "build_retinanet", "convert_retinanet", "default_anchor_sizes",
            "resolve_backbone_weights", "retinanet_head_loss"]

@@ -7,7 +7,7 @@ from torch import nn
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from detfocal.registry import BACKBONES
+from detfocal import BACKBONES
 
 
 @BACKBONES.register("legacy_tiny")

@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import IO, Any, Callable
 
-__all__ = ["atomic_write", "ensure_writable_dir", "remove_stale_temporaries", "write_json_atomic"]
+__all__ = ["append_jsonl", "atomic_write", "ensure_writable_dir", "read_jsonl", "remove_stale_temporaries",
+           "write_json_atomic"]
 
 _TMP_SUFFIX = ".tmp"
 
@@ -130,3 +132,36 @@ def remove_stale_temporaries(folder: str | os.PathLike, names: tuple[str, ...] |
         candidate.unlink(missing_ok=True)
         removed.append(candidate)
     return removed
+
+
+def append_jsonl(path: str | os.PathLike, record: Any) -> None:
+    """Append ``record`` as one JSON line, with a wall-clock ``time``, to ``path``.
+
+    One ``write`` of the whole line: a kill mid-append leaves at most a partial last line,
+    which :func:`read_jsonl` skips.
+    """
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file, in order; a partial last line (a kill mid-append) is skipped.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: a line other than the last is not JSON (the message names the file and line).
+    """
+    path = Path(path)
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        lines = handle.read().split("\n")
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):  # the last line, with no newline: an append that was cut off
+                continue
+            raise ValueError(f"{path}: line {number} is not JSON: {line[:80]!r}") from None
+    return records

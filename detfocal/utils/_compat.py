@@ -1,0 +1,47 @@
+"""Every private torch and torchvision name detfocal uses, in one place.
+
+When a torch or torchvision release moves or removes one of these, this is the only file to
+change. Each entry says why it is needed and which versions were checked (torch 2.6-2.14,
+torchvision 0.21-0.29; the CI runs torch 2.14.1 and torchvision 0.29.1).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+# torchvision has no public home for RetinaNet's matcher and box coder; its own RetinaNet
+# imports them from here (torchvision.models.detection._utils, unchanged 0.8-0.29).
+from torchvision.models.detection._utils import BoxCoder, Matcher  # noqa: F401
+
+__all__ = ["BoxCoder", "Matcher", "assert_async", "foreach_copy_", "foreach_lerp_", "graph_is_kept"]
+
+
+def assert_async(condition: Tensor, message: str) -> None:
+    """A device-side assert that fires at the next sync instead of stalling the stream now.
+
+    ``torch._assert_async`` (present since torch 1.8; the message argument since 2.1).
+    """
+    torch._assert_async(condition, message)
+
+
+def foreach_copy_(destinations: Sequence[Tensor], sources: Sequence[Tensor]) -> None:
+    """``d.copy_(s)`` for every pair in one fused kernel (``torch._foreach_copy_``, torch >= 2.1)."""
+    torch._foreach_copy_(list(destinations), list(sources))
+
+
+def foreach_lerp_(starts: Sequence[Tensor], ends: Sequence[Tensor], weight: float) -> None:
+    """``s.lerp_(e, weight)`` for every pair in one fused kernel (``torch._foreach_lerp_``, torch >= 2.0)."""
+    torch._foreach_lerp_(list(starts), list(ends), weight)
+
+
+def graph_is_kept() -> bool:
+    """Whether the running backward keeps the graph (``retain_graph``), so another may follow.
+
+    Read from ``torch._C._autograd._get_current_graph_task_keep_graph`` (torch >= 2.4). Where
+    torch does not expose it, assume it is kept: correct, at the cost of autograd copying the
+    gradient into a leaf's ``.grad``.
+    """
+    getter = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if getter is None else bool(getter())
