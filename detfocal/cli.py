@@ -253,6 +253,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # idle machine. Set before torch starts its thread pool; the environment's value wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     argv = list(sys.argv[1:] if argv is None else argv)
+    from detfocal.utils.logger import setup_logging
+
+    setup_logging()
     if argv and argv[0] in FORWARDED:
         import importlib
 
