@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 # public name -> module that defines it
 _LAZY = {
@@ -24,7 +24,7 @@ _LAZY = {
     "labels_from_matched_idxs": "detfocal.modeling", "FocalRetinaNet": "detfocal.modeling",
     "build_retinanet": "detfocal.modeling", "convert_retinanet": "detfocal.modeling",
     "load_config": "detfocal.config",
-    "train": "detfocal.engine.train", "load_model": "detfocal.engine.inference",
+    "train": "detfocal.engine.train", "load_model": "detfocal.engine.loading",
 }
 __all__ = sorted(_LAZY)
 

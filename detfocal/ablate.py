@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,9 @@ from typing import Any, Sequence
 
 from detfocal.config import load_config, parse_override_value
 from detfocal.utils.io import atomic_write, write_json_atomic
+
+logger = logging.getLogger(__name__)
+
 SHORTHANDS = {"gamma": "model.head.gamma", "alpha": "model.head.alpha", "normalization": "model.head.normalization"}
 # Lin et al. 2017, Table 1 (ResNet-50-FPN, 600 px, COCO minival): (gamma, alpha) -> (AP, AP50, AP75).
 PAPER_TABLE1: dict[tuple[float, float], tuple[float, float | None, float | None]] = {
@@ -49,6 +53,40 @@ def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
     return grid
 
 
+def grid_settings(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every combination of the grid's values, in order: ``{key: value}`` per run."""
+    keys = list(grid)
+    return [dict(zip(keys, values)) for values in itertools.product(*grid.values())]
+
+
+def setting_overrides(setting: dict[str, Any]) -> list[str]:
+    """``--set`` items of one grid point, each value written as JSON (which ``--set`` parses as YAML)."""
+    return [f"{key}={json.dumps(value)}" for key, value in setting.items()]
+
+
+def check_settings(config: str, settings: list[dict[str, Any]], overrides: Sequence[str]) -> None:
+    """Load and check the config of every grid point before training any, so a bad value fails in seconds.
+
+    Each one is checked as ``detfocal train`` checks it before any work: the config itself,
+    then the model section against the registries and the head's signature.
+
+    Raises:
+        ValueError, KeyError, FileNotFoundError: the first grid point whose config does not load,
+            named with its run name and the config's own message.
+    """
+    from detfocal.config import config_to_dict
+    from detfocal.modeling.validate import check_model_config
+
+    for setting in settings:
+        try:
+            cfg = load_config(config, [*overrides, *setting_overrides(setting)])
+            check_model_config(config_to_dict(cfg)["model"], imports=cfg.imports)
+        except (ValueError, KeyError) as exc:
+            message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+            raise ValueError(f"--grid: grid point {run_name(setting)} ({', '.join(setting_overrides(setting))}) "
+                             f"is not a valid config: {message}") from None
+
+
 def run_name(setting: dict[str, Any]) -> str:
     return "_".join(f"{key.rsplit('.', 1)[-1]}{value}" for key, value in setting.items())
 
@@ -57,7 +95,7 @@ def run_setting(config: str, setting: dict[str, Any], overrides: Sequence[str], 
     """Train one grid point (unless already done) and return its final evaluation."""
     metrics_json = out_dir / "metrics.json"
     if not metrics_json.exists():
-        sets = [*overrides, *(f"{key}={json.dumps(value)}" for key, value in setting.items())]
+        sets = [*overrides, *setting_overrides(setting)]
         command = [sys.executable, "-m", "detfocal", "train", config, "--output-dir", str(out_dir), "--overwrite",
                    "--set", *sets]
         proc = subprocess.run(command, text=True, capture_output=True)
@@ -100,18 +138,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     from detfocal.evaluation.plots import plot_ablation
 
     grid = parse_grid(args.grid)
-    load_config(args.config, [*args.set, *(f"{key}={json.dumps(values[0])}" for key, values in grid.items())])
+    keys = list(grid)
+    settings = grid_settings(grid)
+    check_settings(args.config, settings, args.set)
     out = args.out or Path("runs") / f"ablate_{Path(args.config).stem}"
     out.mkdir(parents=True, exist_ok=True)
-    keys = list(grid)
-    settings = [dict(zip(keys, values)) for values in itertools.product(*grid.values())]
     rows = []
     for index, setting in enumerate(settings, 1):
-        print(f"[{index}/{len(settings)}] {run_name(setting)}", flush=True)
+        logger.info("[%d/%d] %s", index, len(settings), run_name(setting))
         metrics = run_setting(args.config, setting, args.set, out / run_name(setting))
         rows.append({"setting": setting, **{name: metrics[name] for name in ("AP", "AP50", "AP75")}})
-        print(f"    AP {100 * metrics['AP']:.1f}  AP50 {100 * metrics['AP50']:.1f}  AP75 {100 * metrics['AP75']:.1f}",
-              flush=True)
+        logger.info("    AP %.1f  AP50 %.1f  AP75 %.1f", 100 * metrics["AP"], 100 * metrics["AP50"],
+                    100 * metrics["AP75"])
     text = table1(rows, keys)
     atomic_write(out / "table.md", lambda handle: handle.write(text + "\n"), binary=False)
     write_json_atomic(out / "ablation.json", {"config": args.config, "overrides": args.set, "rows": rows})

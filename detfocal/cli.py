@@ -1,4 +1,4 @@
-"""The console commands: ``detfocal train|eval|infer|export|subset|shapes|benchmark|ablate|plot-focal``.
+"""The console commands: ``detfocal train|eval|infer|export|analyze|subset|shapes|benchmark|ablate|plot-focal``.
 
 ``detfocal --help`` answers without importing torch: each command's parser is built here
 from the standard library alone, and the work is imported only when a command runs. User
@@ -23,7 +23,8 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
 
     Returns:
         The process exit code: ``main``'s return value (0 for None), 1 for a non-finite
-        loss or gradient, 2 for a user error, 130 for Ctrl-C.
+        loss or gradient, 2 for a user error, 128 + the signal's number for a stop signal
+        (130 for Ctrl-C, 143 for SIGTERM, 138 for SIGUSR1).
     """
     try:
         return int(main(argv) or 0)
@@ -34,9 +35,9 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print(f"interrupted{': ' + str(exc) if str(exc) else ''}", file=sys.stderr)
+        return int(getattr(exc, "exit_code", 130))
 
 
 def _imports(parser: argparse.ArgumentParser) -> None:
@@ -63,33 +64,67 @@ def _import_modules(names: Sequence[str]) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from detfocal.config import config_to_yaml, load_config
+    from detfocal.config import config_to_dict, config_to_yaml, load_config
 
     _import_modules(args.imports)
     if args.print_config:
-        print(config_to_yaml(load_config(args.config, args.set)), end="")
+        from detfocal.modeling.validate import check_model_config
+
+        cfg = load_config(args.config, args.set)
+        check_model_config(config_to_dict(cfg)["model"], imports=cfg.imports)  # what training checks first
+        print(config_to_yaml(cfg), end="")
         return 0
     from detfocal.engine.train import train
+    from detfocal.evaluation.summary import format_summary
 
+    callbacks = [load_callback(spec) for spec in args.callbacks]
     resume = None if args.resume is None else (args.resume or True)
-    train(args.config, args.output_dir, resume, overrides=args.set, overwrite=args.overwrite)
+    summary = train(args.config, args.output_dir, resume, overrides=args.set, overwrite=args.overwrite,
+                    callbacks=callbacks)
+    if "AP" in summary:
+        print(format_summary(summary))
     return 0
 
 
+def load_callback(spec: str) -> object:
+    """``module:Name`` -> an instance: ``Name`` is instantiated without arguments if it is a class.
+
+    The module is found like ``--import`` finds one (the working directory comes first).
+
+    Raises:
+        ValueError: the spec is malformed, the module cannot be imported or has no such name.
+    """
+    module_name, _, name = spec.partition(":")
+    if not module_name or not name.isidentifier():
+        raise ValueError(f"--callback {spec!r}: expected MODULE:NAME, e.g. my_tracker:MlflowCallback")
+    from detfocal.config import import_modules
+
+    import_modules([module_name])
+    value = getattr(sys.modules[module_name], name, None)
+    if value is None:
+        raise ValueError(f"--callback {spec!r}: module {module_name!r} has no {name!r}")
+    return value() if isinstance(value, type) else value
+
+
 def _eval(args: argparse.Namespace) -> int:
-    from detfocal.engine.inference import evaluate_checkpoint
+    from detfocal.engine.evaluate import evaluate_checkpoint
+    from detfocal.evaluation.summary import format_summary
 
     _import_modules(args.imports)
-    evaluate_checkpoint(args.checkpoint, args.config, overrides=args.set, out_dir=args.out_dir)
+    summary = evaluate_checkpoint(args.checkpoint, args.config, overrides=args.set, out_dir=args.out_dir)
+    print(format_summary(summary))
     return 0
 
 
 def _infer(args: argparse.Namespace) -> int:
-    from detfocal.engine.inference import predict_images
+    from detfocal.engine.predict import predict_images
 
     _import_modules(args.imports)
-    predict_images(args.checkpoint, args.images, args.out, score_thresh=args.score_thresh,
-                   min_draw_size=args.min_draw_size)
+    results = predict_images(args.checkpoint, args.images, args.out, score_thresh=args.score_thresh,
+                             min_draw_size=args.min_draw_size, overwrite=args.overwrite)
+    for result in results:
+        found = ", ".join(sorted(set(result["names"]))) or "nothing"
+        print(f"{result['image']}: {len(result['boxes'])} detections ({found}) -> {result['output']}")
     return 0
 
 
@@ -105,6 +140,27 @@ def _export(args: argparse.Namespace) -> int:
     size = "H, W" if args.image_size is None else f"{args.image_size}, {args.image_size}"
     print(f"exported {args.checkpoint} to {path} (ONNX opset {args.opset}; input image float32 [3, {size}] RGB in "
           f"[0, 1]; outputs boxes, scores, labels after NMS)")
+    return 0
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from detfocal.engine.checkpoint import load_checkpoint
+    from detfocal.engine.loading import load_model
+    from detfocal.evaluation.analysis_plots import check_outputs, format_table, summary_sentences, write_model_analysis
+
+    _import_modules(args.imports)
+    if args.images < 1:
+        raise ValueError(f"--images must be at least 1, got {args.images}")
+    state = load_checkpoint(args.checkpoint)  # a missing checkpoint fails before any folder is made
+    out = check_outputs(args.out if args.out is not None else args.checkpoint.parent / "analysis", args.overwrite)
+    model, info = load_model(state, args.config, overrides=args.set, source=str(args.checkpoint))
+    metadata = {"checkpoint": str(args.checkpoint), "iteration": info["iteration"]}
+    summary, paths = write_model_analysis(model, info["config"], out, label_to_category_id=info["label_to_category_id"],
+                                          split=args.split, num_images=args.images, overwrite=args.overwrite,
+                                          generate_data=args.config is not None, metadata=metadata)
+    print(format_table(summary))
+    print("\n".join(summary_sentences(summary)))
+    print(f"wrote {', '.join(path.name for path in paths)} to {out}")
     return 0
 
 
@@ -182,9 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
     _overrides(sub)
     sub.add_argument("--output-dir", type=Path, help="run folder (default: runs/<config name>)")
     sub.add_argument("--resume", nargs="?", const="", metavar="CKPT",
-                     help="continue from CKPT (no value: the newer of OUTPUT_DIR/interrupted.pth and last.pth)")
+                     help="continue from CKPT (no value: whichever of OUTPUT_DIR/interrupted.pth and last.pth holds "
+                          "more iterations)")
     sub.add_argument("--overwrite", action="store_true", help="replace the run already in the output folder")
     sub.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    sub.add_argument("--callback", dest="callbacks", nargs="+", action="extend", default=[], metavar="MODULE:NAME",
+                     help="add a callback (a class, instantiated without arguments, or an object) with any of the "
+                          "events on_run_start, on_step_end, on_evaluation_end, on_epoch_end, on_checkpoint, "
+                          "on_run_end; see the callbacks how-to")
 
     sub = command("eval", _eval, "COCO-evaluate a checkpoint on its val split")
     sub.add_argument("checkpoint", type=Path, help="a .pth written by detfocal train")
@@ -195,7 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("infer", _infer, "draw a checkpoint's detections on images")
     sub.add_argument("checkpoint", type=Path, help="a .pth written by detfocal train")
     sub.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="PNG or JPEG files (8 or 16 bit)")
-    sub.add_argument("--out", type=Path, required=True, help="folder for the drawn PNGs")
+    sub.add_argument("--out", type=Path, required=True,
+                     help="folder for the drawn PNGs, named after the images (never an input image)")
+    sub.add_argument("--overwrite", action="store_true", help="replace existing files in --out (never an input)")
     sub.add_argument("--score-thresh", type=float, default=0.5, help="lowest score drawn (default 0.5)")
     sub.add_argument("--min-draw-size", type=int, default=512, metavar="PX",
                      help="enlarge smaller images by a whole factor until their longer side reaches PX before "
@@ -206,11 +269,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("checkpoint", type=Path, help="a .pth written by detfocal train")
     sub.add_argument("--format", choices=["onnx"], default="onnx", help="the only format: onnx")
     sub.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
-    sub.add_argument("--image-size", type=int, metavar="PX", help="fix the input to PX x PX (default: any size)")
+    sub.add_argument("--image-size", type=int, metavar="PX",
+                     help="fix the input to PX x PX, at most 4096 (default: any size)")
     sub.add_argument("--opset", type=int, default=17, help="ONNX opset, 11-20 (default 17)")
     sub.add_argument("--score-thresh", type=float, help="lowest score kept (default: the checkpoint's)")
     sub.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     _imports(sub)
+
+    sub = command("analyze", _analyze, "a checkpoint's per-anchor losses at gamma 0-2: the paper's Figure 4, loss "
+                                       "shares, gradient norms")
+    sub.add_argument("checkpoint", type=Path, help="a .pth written by detfocal train")
+    sub.add_argument("config", nargs="?", help="YAML config (default: the one stored in the checkpoint)")
+    _overrides(sub)
+    sub.add_argument("--split", choices=["val", "train"], default="val",
+                     help="the images analysed, without augmentation (default val)")
+    sub.add_argument("--images", type=int, default=200, metavar="N",
+                     help="analyse the first N images of the split (default 200)")
+    sub.add_argument("--out", type=Path, help="output folder (default: <checkpoint folder>/analysis)")
+    sub.add_argument("--overwrite", action="store_true", help="replace the files of an earlier analysis in --out")
 
     sub = command("subset", _subset, "write a subset of a COCO annotation file")
     sub.add_argument("annotations", help="COCO instances json")
@@ -224,12 +300,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = command("shapes", _shapes, "generate the embedded shapes dataset (COCO format)")
     sub.add_argument("--out", default="data/shapes", help="output folder (default: data/shapes)")
-    sub.add_argument("--num-train", type=int, help="number of training images")
-    sub.add_argument("--num-val", type=int, help="number of validation images")
-    sub.add_argument("--image-size", type=int, help="image width and height in pixels")
-    sub.add_argument("--max-objects", type=int, help="most objects per image")
-    sub.add_argument("--min-object-size", type=int, help="smallest object diameter in pixels")
-    sub.add_argument("--seed", type=int, default=0)
+    # The ranges are those of detfocal.data.shapes.generate, which checks them before any work.
+    sub.add_argument("--num-train", type=int, help="number of training images, 0 to 100000 (default 1500)")
+    sub.add_argument("--num-val", type=int, help="number of validation images, 0 to 100000 (default 200)")
+    sub.add_argument("--image-size", type=int, help="image width and height in pixels, 32 to 4096 (default 128)")
+    sub.add_argument("--max-objects", type=int, help="most objects per image, 1 to 100 (default 6)")
+    sub.add_argument("--min-object-size", type=int,
+                     help="smallest object diameter in pixels, 4 to IMAGE_SIZE / 2 (default 8)")
+    sub.add_argument("--seed", type=int, default=0, help="generator seed in [0, 2**32) (default 0)")
     sub.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     sub = command("plot-focal", _plot_focal, "draw the focal-loss figures (PNG and SVG)")
@@ -249,7 +327,7 @@ def _version() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``detfocal`` console script; returns the exit code."""
     # libgomp's threads spin while they wait; when other processes share the cores the spinning
-    # starves the work (a training step measured 8x slower). Passive waiting costs little on an
+    # starves the work (a training step many times slower). Passive waiting costs little on an
     # idle machine. Set before torch starts its thread pool; the environment's value wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     argv = list(sys.argv[1:] if argv is None else argv)

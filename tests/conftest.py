@@ -21,6 +21,19 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_logging():
+    """Each test starts with the library's loggers unconfigured, as in a new process: a command run
+    by an earlier test (``cli.main`` installs a console handler) must not print into the next."""
+    import logging
+
+    logger = logging.getLogger("detfocal")
+    yield
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    logger.setLevel(logging.NOTSET)
+
+
 @pytest.fixture
 def one_thread():
     """In-process runs of tiny models: one thread is as fast, and does not fight other processes

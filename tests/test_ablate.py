@@ -55,3 +55,19 @@ def test_bad_grid_is_one_line_error(grid, message, capsys):
     assert cli_main(["ablate", str(DEMO), "--grid", *grid]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and message in err
+
+
+@pytest.mark.parametrize("grid, message", [
+    (["gamma=0,2,-1"],
+     "grid point gamma-1 (model.head.gamma=-1) is not a valid config: model.head.gamma: expected >= 0"),
+    (["gamma=0,2", "train.amp=off,fp17"], "grid point gamma0_ampfp17"),
+])
+def test_every_grid_point_is_checked_before_any_training(tmp_path, capsys, monkeypatch, grid, message):
+    import detfocal.ablate as ablate
+
+    monkeypatch.setattr(ablate, "run_setting", lambda *args: pytest.fail("a grid point was trained"))
+    out = tmp_path / "ablate"
+    assert cli_main(["ablate", str(DEMO), "--grid", *grid, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith(f"error: --grid: {message}"), err
+    assert not out.exists()

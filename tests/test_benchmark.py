@@ -10,7 +10,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from detfocal import benchmark
 from detfocal.benchmark import profile as bprofile
-from detfocal.benchmark import training
+from detfocal.benchmark import runner, training
 from detfocal.config import config_to_yaml, load_config
 
 from conftest import DEMO
@@ -133,19 +133,59 @@ def test_inference_case_names_a_missing_checkpoint():
         benchmark.main(["--cases", "inference", "--checkpoint", "nowhere.pth"])
 
 
-def test_a_failing_case_is_an_error_row_and_the_next_case_still_runs(capsys):
-    results = benchmark.worker([{"kind": "nope", "case": "loss"},
-                                {"kind": "eval", "case": "eval", "impl": "faster_coco_eval", "repeats": 1,
-                                 "data_dir": "tests/data"}])
+def test_a_failing_case_is_an_error_row_and_the_next_case_still_runs():
+    lines = []
+    results = runner.worker([{"kind": "nope", "case": "loss"},
+                             {"kind": "eval", "case": "eval", "impl": "faster_coco_eval", "repeats": 1,
+                              "data_dir": "tests/data"}], send=lines.append)
     assert results[0] == {"error": "ValueError: unknown case kind 'nope'"}
     assert results[1]["AP"] == pytest.approx(0.50458, abs=1e-5)
-    out = capsys.readouterr().out
-    assert out.count(benchmark.PROGRESS) == 2 and out.count(benchmark.RESULT) == 2
+    assert [line.split(" ", 1)[0] + " " for line in lines] == [runner.PROGRESS, runner.RESULT] * 2
 
 
 def test_a_case_restores_the_environment_it_changed(monkeypatch):
     monkeypatch.setenv("DETFOCAL_COMPILE", "auto")
-    [result] = benchmark.worker([{"kind": "loss", "case": "loss", "impl": "detfocal_eager", "device": "cpu",
-                                  "batch": 1, "num_anchors": 400, "num_classes": 3, "repeats": 1}])
+    [result] = runner.worker([{"kind": "loss", "case": "loss", "impl": "detfocal_eager", "device": "cpu",
+                               "batch": 1, "num_anchors": 400, "num_classes": 3, "repeats": 1}], send=print)
     assert result["backend"]["mode"] == "0"  # the case ran eager ...
     assert os.environ["DETFOCAL_COMPILE"] == "auto"  # ... and the next case sees the user's setting
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--repeats", "0"], "--repeats: expected an int >= 1, got 0"),
+    (["--repeats", "-3"], "--repeats: expected an int >= 1, got -3"),
+    (["--threads", "0"], "--threads: expected an int >= 1, got 0"),
+    (["--timeout", "0"], "--timeout: expected seconds > 0, got 0.0"),
+    (["--cases", "loss,nope"], "--cases: unknown or no case(s) ['nope']"),
+    (["--device", "tpu"], "--device: expected cpu or cuda, got 'tpu'"),
+])
+def test_bad_benchmark_arguments_are_one_line_before_any_case_runs(argv, message, capsys, monkeypatch):
+    from detfocal.cli import main as cli_main
+
+    monkeypatch.setattr(runner, "run_cases", lambda *args: pytest.fail("a case ran"))
+    assert cli_main(["benchmark", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: {message}"), err
+
+
+@pytest.mark.parametrize("option", ["--checkpoint", "--config"])
+def test_a_folder_given_as_checkpoint_or_config_is_named_a_folder(tmp_path, capsys, option):
+    from detfocal.cli import main as cli_main
+
+    assert cli_main(["benchmark", "--cases", "inference", option, str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {option}: {tmp_path} is a folder, expected a file") and "\n" not in err
+
+
+def test_a_folder_given_as_json_is_refused_before_any_case_runs(tmp_path, capsys, monkeypatch):
+    from detfocal.cli import main as cli_main
+
+    monkeypatch.setattr(runner, "run_cases", lambda *args: pytest.fail("a case ran"))
+    assert cli_main(["benchmark", "--cases", "loss", "--json", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --json {tmp_path} is a folder, expected a file"
+
+
+def test_default_inputs_are_the_repositorys_demo_config_and_coco_sample():
+    defaults = benchmark.default_inputs()
+    assert defaults.config == DEMO and defaults.config.is_file()
+    assert any((folder / "instances_val2014_100.json").is_file() for folder in defaults.coco_sample_dirs)

@@ -1,7 +1,9 @@
-"""detfocal.config: YAML 1.2 -> frozen pydantic models, _base_ inheritance, --set overrides."""
+"""detfocal.config: YAML 1.2 -> frozen pydantic models, _base_ inheritance, --set overrides; and
+detfocal.modeling.validate, which checks the model section against the registered classes."""
 from __future__ import annotations
 
 import inspect
+import subprocess
 import sys
 import time
 import uuid
@@ -12,20 +14,19 @@ import pytest
 
 from detfocal.config import (Config, apply_overrides, config_from_dict, config_to_dict, config_to_yaml, data_paths,
                              import_modules, load_config, model_kwargs, optimizer_kwargs, parse_override_value,
-                             scheduler_kwargs)
+                             scheduler_kwargs, shapes_kwargs)
+from detfocal.modeling.validate import check_model_config
 from detfocal.utils.registry import HEADS
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 
 
-def head_defaults(head_type: str, **given) -> dict:
-    """What model.head should resolve to: the registered head's signature defaults, then ``given``."""
-    from detfocal.utils.registry import HEADS
-
-    parameters = inspect.signature(HEADS.get(head_type)).parameters.values()
-    defaults = {p.name: p.default for p in parameters if p.default is not p.empty and p.name != "norm_layer"}
-    return {"type": head_type, "norm": "none", **defaults, **given}
+def checked(tree: dict, overrides: list[str] = ()) -> Config:
+    """``config_from_dict``, then the model checks that training runs first (``check_model_config``)."""
+    cfg = config_from_dict(tree, overrides)
+    check_model_config(config_to_dict(cfg)["model"], imports=cfg.imports)
+    return cfg
 
 
 def write(path: Path, text: str) -> Path:
@@ -49,9 +50,8 @@ def test_defaults_fill_missing_keys(tmp_path):
     assert cfg.train == Config().train.model_copy(update={"lr": 0.5})
     assert (cfg.data, cfg.eval, cfg.imports) == (Config().data, Config().eval, ())
     assert cfg.data.workers == "auto" and cfg.data.skip_bad_images is False
-    # The head's missing parameters come from the registered head's own defaults.
-    assert cfg.model.head == head_defaults("focal")
-    assert (cfg.model.head["alpha"], cfg.model.head["gamma"], cfg.model.head["num_convs"]) == (0.25, 2.0, 4)
+    # The head's other parameters are left to the head's own defaults, applied when it is built.
+    assert cfg.model.head == {"type": "focal", "norm": "none"}
 
 
 def test_config_is_frozen():
@@ -75,22 +75,32 @@ def test_unknown_head_key_lists_the_parameters_of_that_head_type():
     with pytest.raises(ValueError, match=r"^unknown key model\.head\.gama for head type 'focal' \(did you mean "
                                          r"model\.head\.gamma\?\); allowed keys in model\.head: type, norm, "
                                          r"prior_probability, num_convs, alpha, gamma, normalization, ema_momentum"):
-        config_from_dict({}, ["model.head.gama=1.0"])
+        checked({}, ["model.head.gama=1.0"])
     with pytest.raises(ValueError, match=r"^unknown key model\.head\.alpha for head type 'qfl'.*: type, norm, "
                                          r"prior_probability, num_convs, beta"):
-        config_from_dict({}, ["model.head={type: qfl, alpha: 0.5}"])
+        checked({}, ["model.head={type: qfl, alpha: 0.5}"])
 
 
 def test_head_values_are_checked_against_the_head_signature():
     with pytest.raises(ValueError, match=r"^model\.head\.gamma: expected float, got 'two' \(str\)$"):
-        config_from_dict({}, ["model.head.gamma=two"])
+        checked({}, ["model.head.gamma=two"])
     with pytest.raises(ValueError, match=r"^model\.head\.num_convs: expected int, got 2\.5"):
-        config_from_dict({}, ["model.head.num_convs=2.5"])
+        checked({}, ["model.head.num_convs=2.5"])
     with pytest.raises(ValueError, match=r"^model\.head\.iou_weighted: expected bool, got 1"):
-        config_from_dict({}, ["model.head={type: vfl, iou_weighted: 1}"])
+        checked({}, ["model.head={type: vfl, iou_weighted: 1}"])
+    with pytest.raises(ValueError, match=r"^model\.head\.gamma: expected >= 0, got -1 \(int\)"):
+        checked({}, ["model.head.gamma=-1"])
+    with pytest.raises(ValueError, match=r"^model\.head\.prior_probability: expected < 1, got 1"):
+        checked({}, ["model.head.prior_probability=1"])
+    assert checked({}, ["model.head.alpha=null"]).model.head["alpha"] is None
+
+
+def test_head_type_and_norm_are_checked_by_the_config_itself():
+    # No model code needed: these fail at load time, before check_model_config.
     with pytest.raises(ValueError, match=r"^model\.head\.norm: expected 'none', 'gn' or 'bn', got 'ln'"):
         config_from_dict({}, ["model.head.norm=ln"])
-    assert config_from_dict({}, ["model.head.alpha=null"]).model.head["alpha"] is None
+    with pytest.raises(ValueError, match=r"^model\.head\.type: expected str, got 3"):
+        config_from_dict({}, ["model.head.type=3"])
 
 
 @pytest.mark.parametrize("override, key, expected", [
@@ -118,8 +128,6 @@ def test_wrong_type_names_the_key_the_value_and_the_expected_type(override, key,
     ("train.lr=-1.0", "train.lr: expected > 0, got -1.0"),
     ("train.schedule.steps=[80, 60]", "train.schedule.steps: expected strictly increasing iterations, got [80, 60]"),
     ("model.bg_iou_thresh=0.6", "model.bg_iou_thresh: expected <= model.fg_iou_thresh (0.5), got 0.6"),
-    ("model.head.gamma=-1", "model.head.gamma: expected >= 0, got -1 (int)"),
-    ("model.head.prior_probability=1", "model.head.prior_probability: expected < 1, got 1"),
     ("data.workers=-1", "data.workers: expected >= 0 or 'auto', got -1"),
     ("data.workers=many", "data.workers: expected int or 'auto', got 'many'"),
     ("eval.interval=0", "eval.interval: expected > 0, got 0"),
@@ -140,9 +148,9 @@ def test_infinite_and_nan_floats_are_rejected(tmp_path):
 
 
 def test_int_is_accepted_where_a_float_is_expected():
-    cfg = config_from_dict({}, ["train.lr=1", "model.head.gamma=0"])
+    cfg = checked({}, ["train.lr=1", "model.head.gamma=0"])
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
-    assert cfg.model.head["gamma"] == 0.0 and isinstance(cfg.model.head["gamma"], float)
+    assert cfg.model.head["gamma"] == 0
 
 
 def test_new_data_keys_are_typed():
@@ -262,10 +270,9 @@ def test_base_is_loaded_relative_to_the_file_and_deep_merged(tmp_path):
 def test_switching_the_head_type_drops_the_old_heads_parameters(tmp_path):
     base = write(tmp_path / "base.yaml", "model: {head: {alpha: 0.5, gamma: 3.0, normalization: image, norm: gn}}\n")
     vfl = load_config(base, ["model.head.type=vfl"]).model.head
-    assert vfl == head_defaults("vfl")  # vfl's own defaults, not the focal head's values
-    assert vfl["alpha"] == 0.75 and vfl["gamma"] == 2.0
+    assert vfl == {"type": "vfl", "norm": "none"}  # vfl's own defaults apply, not the focal head's values
     child = write(tmp_path / "child.yaml", "_base_: base.yaml\nmodel: {head: {type: qfl, beta: 1.5}}\n")
-    assert load_config(child).model.head == head_defaults("qfl", beta=1.5)
+    assert load_config(child).model.head == {"type": "qfl", "norm": "none", "beta": 1.5}
     # Naming the same type (the default included) merges as usual.
     same = load_config(write(tmp_path / "same.yaml", "_base_: base.yaml\nmodel: {head: {type: focal, gamma: 1.0}}\n"))
     assert (same.model.head["gamma"], same.model.head["alpha"], same.model.head["norm"]) == (1.0, 0.5, "gn")
@@ -279,7 +286,7 @@ def test_delete_marker_replaces_instead_of_merging(tmp_path):
     child = write(tmp_path / "child.yaml", "_base_: base.yaml\nmodel: {head: {_delete_: true, gamma: 1.0}}\n"
                                            "data: {subset: {_delete_: true}}\n")
     cfg = load_config(child)
-    assert (cfg.model.head["alpha"], cfg.model.head["gamma"]) == (0.25, 1.0)
+    assert cfg.model.head == {"type": "focal", "norm": "none", "gamma": 1.0}
     assert cfg.data.subset == Config().data.subset
     assert load_config(tmp_path / "base.yaml", ["model.head={_delete_: true}"]).model.head == Config().model.head
 
@@ -359,7 +366,7 @@ class Head(FocalClassificationHead):
 def test_checkpoint_config_never_imports_its_imports(head_module, tmp_path):
     tree = {"imports": [head_module], "model": {"head": {"type": head_module}}}
     with pytest.raises(ValueError) as info:
-        config_from_dict(tree)
+        checked(tree)
     assert not (tmp_path / f"{head_module}.imported").exists() and head_module not in sys.modules
     assert str(info.value) == (
         f"model.head.type: '{head_module}' is not registered (registered: {HEADS.names()}); the config lists "
@@ -369,22 +376,44 @@ def test_checkpoint_config_never_imports_its_imports(head_module, tmp_path):
 
 def test_load_config_imports_the_modules_of_the_file(head_module, tmp_path):
     config = write(tmp_path / "c.yaml", f"imports: [{head_module}]\nmodel: {{head: {{type: {head_module}}}}}\n")
-    cfg = load_config(config, ["model.head.scale=2"])
+    cfg = load_config(config, ["model.head.scale=2.0"])
     assert (tmp_path / f"{head_module}.imported").exists()
-    assert cfg.model.head == {"type": head_module, "norm": "none", "prior_probability": 0.01, "scale": 2.0}
+    assert cfg.model.head == {"type": head_module, "norm": "none", "scale": 2.0}
     # Once imported (as --import does), a checkpoint's config that names the head validates.
-    assert config_from_dict(config_to_dict(cfg)) == cfg
+    assert checked(config_to_dict(cfg)) == cfg
+    with pytest.raises(ValueError, match=r"^model\.head\.scale: expected float, got 'x'"):
+        checked(config_to_dict(cfg), ["model.head.scale=x"])
+    with pytest.raises(ValueError, match=rf"^model\.backbone: 'resnet9' is not registered .*; none of the imports "
+                                         rf"\['{head_module}'\] registers it$"):
+        checked(config_to_dict(cfg), ["model.backbone=resnet9"])
 
 
 def test_unregistered_types_say_how_to_load_them():
     # Other tests may register heads of their own: only the built-ins are certain.
     with pytest.raises(ValueError, match=r"^model\.head\.type: 'fcos' is not registered \(registered: \[[^\]]*'focal'"
                                          r"[^\]]*'qfl'[^\]]*'vfl'[^\]]*\]\); pass --import MODULE on the command line"):
-        config_from_dict({}, ["model.head.type=fcos"])
+        checked({}, ["model.head.type=fcos"])
     with pytest.raises(ValueError, match=r"^model\.backbone: 'resnet9' is not registered \(registered: \[.*'resnet18'"):
-        config_from_dict({}, ["model.backbone=resnet9"])
-    with pytest.raises(ValueError, match=r"^model\.type: 'yolo' is not registered \(registered: \[[^\]]*'retinanet'[^\]]*\]\)"):
-        config_from_dict({}, ["model.type=yolo"])
+        checked({}, ["model.backbone=resnet9"])
+    with pytest.raises(ValueError, match=r"^model\.type: 'yolo' is not registered \(registered: "
+                                         r"\[[^\]]*'retinanet'[^\]]*\]\)"):
+        checked({}, ["model.type=yolo"])
+
+
+def test_validation_imports_no_model_code():
+    # The config layer sits below the data and the model: loading a config (without imports)
+    # leaves torch, detfocal.data and detfocal.modeling unimported, and generates no data.
+    code = f"""
+import sys
+from detfocal.config import data_paths, load_config
+cfg = load_config({str(ROOT / 'configs' / 'shapes_retinanet_r18.yaml')!r}, ["data.shapes.root=/nonexistent/shapes"])
+data_paths(cfg.data)
+print(sorted(m for m in sys.modules if m == "torch" or m.startswith(("detfocal.modeling", "detfocal.data"))))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+    assert not Path("/nonexistent/shapes").exists()
 
 
 def test_import_errors_name_the_module():
@@ -406,12 +435,38 @@ def test_shapes_section_is_checked_against_generate():
 
 
 def test_data_paths_fill_from_shapes_and_explicit_paths_win(tmp_path):
-    cfg = config_from_dict({}, [f"data.shapes={{root: {tmp_path}}}", "data.val.images=/elsewhere"])
-    paths = data_paths(cfg.data, generate=False)
-    assert paths["train"] == (str(tmp_path / "train"), str(tmp_path / "annotations" / "instances_train.json"))
-    assert paths["val"] == ("/elsewhere", str(tmp_path / "annotations" / "instances_val.json"))
+    cfg = config_from_dict({}, [f"data.shapes={{root: {tmp_path / 'shapes'}}}", "data.val.images=/elsewhere"])
+    paths = data_paths(cfg.data)
+    root = tmp_path / "shapes"
+    assert paths["train"] == (str(root / "train"), str(root / "annotations" / "instances_train.json"))
+    assert paths["val"] == ("/elsewhere", str(root / "annotations" / "instances_val.json"))
+    assert not root.exists()  # computing the paths generates nothing
     with pytest.raises(ValueError, match="data.train: needs 'images' and 'annotations'"):
         data_paths(Config().data)
+
+
+def test_data_paths_are_where_ensure_dataset_writes_the_shapes(tmp_path):
+    from detfocal.data.shapes import ensure_dataset
+
+    cfg = config_from_dict({}, [f"data.shapes={{root: {tmp_path}, num_train: 2, num_val: 1, image_size: 32, "
+                                "min_object_size: 4, max_objects: 1}"])
+    written = ensure_dataset(**shapes_kwargs(cfg))
+    assert data_paths(cfg.data) == {split: (str(written[f"{split}_images"]), str(written[f"{split}_annotations"]))
+                                    for split in ("train", "val")}
+    assert len(list((tmp_path / "train").glob("*.png"))) == 2
+    assert shapes_kwargs(config_from_dict({}, ["data.shapes={num_val: 3}"])) == {"root": "data/shapes", "num_val": 3}
+    assert shapes_kwargs(Config()) is None
+
+
+def test_shapes_schema_defaults_are_those_of_generate():
+    from detfocal.config.schema import ShapesConfig
+    from detfocal.data.shapes import generate
+
+    parameters = inspect.signature(generate).parameters
+    assert list(ShapesConfig.model_fields) == ["root", *[name for name in parameters if name != "out_dir"]]
+    for name, field in ShapesConfig.model_fields.items():
+        if name != "root":
+            assert field.default == parameters[name].default, name
 
 
 def test_kwargs_mappers_give_plain_values():
@@ -423,3 +478,196 @@ def test_kwargs_mappers_give_plain_values():
     assert kwargs["score_thresh"] == cfg.eval.score_thresh
     assert optimizer_kwargs(cfg)["name"] == cfg.train.optimizer
     assert scheduler_kwargs(cfg)["schedule"] == cfg.train.schedule.type
+
+
+# ----------------------------------------------------------------------------------------------
+# The schema documents itself: a description for every key, a bound for every integer
+
+
+def _sections() -> list[type[pydantic.BaseModel]]:
+    from detfocal.config import schema
+
+    return [value for value in vars(schema).values()
+            if isinstance(value, type) and issubclass(value, schema.Section) and value is not schema.Section]
+
+
+def test_every_key_has_a_description():
+    for section in _sections():
+        for name, field in section.model_fields.items():
+            assert field.description and len(field.description) > 10, f"{section.__name__}.{name}"
+
+
+def test_every_integer_key_has_an_upper_bound():
+    # Sizes, counts and seeds: a typo (or 5000 digits) fails at load time, not in an allocation.
+    from detfocal.config.schema import ShapesConfig
+
+    def unbounded(node, path):
+        if isinstance(node, dict):
+            if node.get("type") == "integer" and "maximum" not in node and "exclusiveMaximum" not in node:
+                yield path
+            for key, child in node.items():
+                yield from unbounded(child, f"{path}.{key}")
+        elif isinstance(node, list):
+            for index, child in enumerate(node):
+                yield from unbounded(child, f"{path}[{index}]")
+
+    for section in (Config, ShapesConfig):
+        assert list(unbounded(section.model_json_schema(), section.__name__)) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# Defects a user met: each is now one line naming the key, the value and the limit
+
+
+def test_duplicate_yaml_keys_are_refused_with_the_key_and_its_lines(tmp_path):
+    # With PyYAML's default the second train: section silently dropped every key of the first.
+    config = write(tmp_path / "c.yaml", "train:\n  lr: 0.1\n  epochs: 3\nmodel: {}\ntrain:\n  batch_size: 4\n")
+    with pytest.raises(ValueError) as info:
+        load_config(config)
+    assert str(info.value) == (f"config {config} is not valid YAML (duplicate key 'train' on line 5, first on line 1; "
+                               "YAML 1.2 forbids duplicate keys: merge them into one)")
+    with pytest.raises(ValueError, match=r"duplicate key 'lr' on line 1, first on line 1"):
+        load_config(write(tmp_path / "flow.yaml", "train: {lr: 0.1, lr: 0.2}\n"))
+    with pytest.raises(ValueError, match=r"^--set model\.head: .*duplicate key 'gamma'"):
+        config_from_dict({}, ["model.head={gamma: 1, gamma: 2}"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.min_size=4097", "model.min_size: expected <= 4096, got 4097 (int)"),
+    ("model.max_size=100000", "model.max_size: expected <= 4096, got 100000 (int)"),
+    ("model.fpn_channels=8192", "model.fpn_channels: expected <= 4096, got 8192"),
+    ("model.num_classes=1000000", "model.num_classes: expected <= 100000, got 1000000"),
+    ("model.anchor_sizes=[[16, 99999], 32, 64, 128, 256]", "model.anchor_sizes[0][1]: expected <= 8192, got 99999"),
+    ("train.batch_size=4097", "train.batch_size: expected <= 4096, got 4097 (int)"),
+    ("train.seed=4294967296", "train.seed: expected < 4294967296, got 4294967296 (int)"),
+    ("train.seed=-1", "train.seed: expected >= 0, got -1 (int)"),
+    ("train.epochs=10001", "train.epochs: expected <= 10000, got 10001"),
+    ("train.max_iters=100000001", "train.max_iters: expected <= 100000000, got 100000001"),
+    ("eval.batch_size=4097", "eval.batch_size: expected <= 4096, got 4097"),
+    ("data.workers=257", "data.workers: expected <= 256 or 'auto', got 257"),
+    ("data.shapes={image_size: 8192}", "data.shapes.image_size: expected <= 4096, got 8192"),
+    ("data.shapes={num_train: 1000000}", "data.shapes.num_train: expected <= 100000, got 1000000"),
+    ("data.shapes={num_val: 1000000}", "data.shapes.num_val: expected <= 100000, got 1000000"),
+    ("data.shapes={max_objects: 1000}", "data.shapes.max_objects: expected <= 100, got 1000"),
+    ("data.shapes={seed: 4294967296}", "data.shapes.seed: expected < 4294967296, got 4294967296"),
+    ("data.shapes={image_size: 64, min_object_size: 40}",
+     "data.shapes.min_object_size: expected <= data.shapes.image_size / 2 = 32, got 40"),
+])
+def test_sizes_counts_and_seeds_have_upper_bounds_checked_at_load_time(override, message):
+    with pytest.raises(ValueError) as info:
+        config_from_dict({}, [override])
+    assert str(info.value).startswith(message), str(info.value)
+
+
+def test_a_5000_digit_integer_is_one_line_naming_the_key(tmp_path, capsys):
+    from detfocal.cli import main as cli_main
+
+    digits = "9" * 5000
+    config = write(tmp_path / "c.yaml", f"train:\n  batch_size: {digits}\n")
+    with pytest.raises(ValueError) as info:
+        load_config(config)
+    assert str(info.value) == (f"config {config}: train.batch_size: expected an integer of at most 20 digits, "
+                               "got 99999999999999999999...9999 (5000 digits)")
+    with pytest.raises(ValueError, match=r"^--set train\.seed: .*expected an integer of at most 20 digits, got 9+\.\.\."
+                                         r"9999 \(5000 digits\)$"):
+        config_from_dict({}, [f"train.seed={digits}"])
+    with pytest.raises(ValueError, match=r"^config: model\.anchor_sizes\[0\]: expected an integer of at most 20 "
+                                         r"digits, got an integer of about 5000 digits$"):
+        config_from_dict({"model": {"anchor_sizes": [10 ** 5000]}})  # e.g. from a checkpoint
+    assert cli_main(["train", str(config), "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: config {config}: train.batch_size: ")
+    assert parse_override_value("-" + "0" * 30 + "7") == -7  # leading zeros are no digits of the value
+
+
+def test_unknown_key_in_an_optional_section_is_one_line():
+    with pytest.raises(ValueError, match=r"^unknown key train\.ema\.deacy \(did you mean train\.ema\.decay\?\); "
+                                         r"allowed keys in train\.ema: decay, warmup_iters$"):
+        config_from_dict({}, ["train.ema={deacy: 0.99}"])
+
+
+def test_set_key_deeper_than_any_config_key_is_one_line():
+    with pytest.raises(ValueError) as info:
+        config_from_dict({}, ["a" + ".a" * 2999 + "=1"])
+    assert str(info.value).endswith("a key of 3000 dotted parts, deeper than any config key (at most 32 levels)")
+    assert "\n" not in str(info.value) and len(str(info.value)) < 200
+
+
+@pytest.mark.parametrize("body, kind", [("def broken(:\n", "SyntaxError"),
+                                        ("raise RuntimeError('registry is closed')\n", "RuntimeError"),
+                                        ("import no_such_module_xyz\n", "ModuleNotFoundError")])
+def test_import_of_a_failing_module_is_one_line_naming_it_and_the_error(tmp_path, monkeypatch, body, kind):
+    name = f"cfg_broken_{uuid.uuid4().hex[:8]}"
+    write(tmp_path / f"{name}.py", body)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    with pytest.raises(ValueError) as info:
+        import_modules([name])
+    assert str(info.value).startswith(f"imports: cannot import '{name}' ({kind}: ") and "\n" not in str(info.value)
+    with pytest.raises(ValueError, match=f"cannot import '{name}' \\({kind}: "):  # a config's imports alike
+        load_config(write(tmp_path / "c.yaml", f"imports: [{name}]\n"))
+
+
+def test_a_directory_as_config_or_base_is_named_a_directory(tmp_path):
+    (tmp_path / "configs").mkdir()
+    with pytest.raises(IsADirectoryError, match=f"^config file {tmp_path / 'configs'} is a directory; expected a "
+                                                "YAML file$"):
+        load_config(tmp_path / "configs")
+    child = write(tmp_path / "child.yaml", "_base_: configs\n")
+    with pytest.raises(IsADirectoryError, match=f"^_base_ of config {child}: {tmp_path / 'configs'} is a directory"):
+        load_config(child)
+
+
+def test_a_binary_config_names_the_file(tmp_path):
+    config = tmp_path / "model.pth"
+    config.write_bytes(b"PK\x03\x04\x80\xff" + bytes(range(256)))
+    with pytest.raises(ValueError, match=f"^config file {config} is not UTF-8 text \\(byte 4 is 0x80\\); expected a "
+                                         "YAML file$"):
+        load_config(config)
+
+
+# ----------------------------------------------------------------------------------------------
+# A config that validates also runs its first forward: GroupNorm and BatchNorm on the 1x1 P7 map
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.fpn_channels=48"], r"^model\.fpn_channels: expected a multiple of 32 with model\.head\.norm 'gn' "
+                                r"\(GroupNorm splits the channels into 32 groups\), got 48$"),
+    (["model.fpn_channels=16"], r"^model\.fpn_channels: expected a multiple of 32 .*, got 16$"),
+    (["model.fpn_channels=32"], r"^model\.fpn_channels: expected >= 64 with model\.head\.norm 'gn' and images of at "
+                                r"most 128 px \(model\.min_size 128, max_size 128\), got 32: GroupNorm then has one "
+                                r"channel per group, and on the 1x1 P7 map of a one-image batch"),
+    (["model.head.norm=bn", "train.batch_size=1"], r"^train\.batch_size: expected >= 2 with model\.head\.norm 'bn' "
+                                                   r"and images of at most 128 px"),
+])
+def test_head_norms_that_cannot_run_a_one_image_batch_are_refused(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(ROOT / "configs" / "shapes_retinanet_r18.yaml", overrides)  # its head has norm: gn
+
+
+def test_the_norm_limits_are_those_of_torch(one_thread):
+    # The reference is torch itself: what the checks refuse fails a one-image forward, and the
+    # settings just inside the limits run one.
+    import torch
+
+    from detfocal.config.schema import GN_GROUPS
+    from detfocal.modeling import build_retinanet
+    from detfocal.modeling.retinanet import HEAD_NORMS
+
+    assert HEAD_NORMS["gn"].args == (GN_GROUPS,)
+
+    def forward(overrides: list[str], *, train: bool = False, images: int = 1, **change) -> None:
+        kwargs = model_kwargs(load_config(ROOT / "configs" / "shapes_retinanet_r18.yaml", overrides), 2) | change
+        model = build_retinanet(**kwargs).train(train)
+        size = kwargs["min_size"]
+        targets = [{"boxes": torch.tensor([[4.0, 4.0, 40.0, 40.0]]), "labels": torch.tensor([1])}] * images
+        model([torch.rand(3, size, size)] * images, targets if train else None)
+
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        forward([], fpn_channels=32)  # the demo (gn, 128 px) at 32 channels, which the config refuses
+    forward(["model.fpn_channels=64"])
+    forward(["model.fpn_channels=32", "model.min_size=160", "model.max_size=160"])
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        forward(["model.head.norm=bn"], train=True)  # what train.batch_size=1 would run
+    forward(["model.head.norm=bn"], train=True, images=2)
+    forward(["model.head.norm=bn"])

@@ -4,11 +4,13 @@ from __future__ import annotations
 import copy
 import io
 import json
+import logging
 import os
 import re
 import struct
 import subprocess
 import sys
+import tempfile
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -23,6 +25,7 @@ from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as F
 
+from detfocal.cli import main as cli_main
 from detfocal.data import CocoDetection, build_transforms, check_output_path, collate_fn, make_subset, shapes
 from detfocal.data.images import load_image, to_uint8
 
@@ -69,8 +72,11 @@ def tiny(tmp_path):
 
 def _dataset(tiny, **kwargs):
     images_dir, dataset = tiny
-    with pytest.warns(UserWarning, match="dropped 2 degenerate boxes"):
-        return CocoDetection(images_dir, dataset, **kwargs)
+    return CocoDetection(images_dir, dataset, **kwargs)
+
+
+def _warnings(caplog):
+    return [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
 
 
 def test_category_ids_map_to_contiguous_labels_and_back(tiny):
@@ -96,12 +102,14 @@ def test_crowd_boxes_stay_flagged_and_empty_images_give_empty_targets(tiny):
     assert targets[5]["iscrowd"].shape == (0,)
 
 
-def test_degenerate_boxes_are_dropped_with_one_warning_counting_them(tiny):
+def test_degenerate_boxes_are_dropped_with_one_logged_warning_counting_them(tiny, caplog, capsys):
     images_dir, dataset = tiny
-    with pytest.warns(UserWarning) as record:
+    with caplog.at_level(logging.WARNING, logger="detfocal"):
         CocoDetection(images_dir, dataset)
-    messages = [str(w.message) for w in record]
+    messages = _warnings(caplog)
     assert len(messages) == 1 and "dropped 2 degenerate boxes" in messages[0]
+    assert caplog.records[0].name == "detfocal.data.coco"
+    assert capsys.readouterr() == ("", "")  # logged, not printed
 
 
 def test_grayscale_rgba_and_palette_files_become_rgb_floats(tiny):
@@ -116,12 +124,13 @@ def test_grayscale_rgba_and_palette_files_become_rgb_floats(tiny):
         assert target["orig_size"].tolist() == [SIZE, SIZE]
 
 
-def test_keep_empty_false_skips_images_without_boxes_and_counts_them(tiny):
+def test_keep_empty_false_skips_images_without_boxes_and_counts_them(tiny, caplog):
     images_dir, dataset = tiny
-    with pytest.warns(UserWarning) as record:
+    with caplog.at_level(logging.WARNING, logger="detfocal"):
         subset = CocoDetection(images_dir, dataset, keep_empty=False)
     # Image 3 keeps a box (the other is degenerate); image 5 has none.
-    assert any("skipped 1 images" in str(w.message) for w in record)
+    assert [message for message in _warnings(caplog) if "skipped" in message] == [
+        "CocoDetection: skipped 1 images without non-crowd boxes in <annotation dict> (keep_empty=False)"]
     assert sorted(subset.coco.getImgIds()) == subset.ids == [1, 2, 3, 4]
 
 
@@ -150,8 +159,7 @@ def test_missing_image_file_names_the_file_and_the_annotation_file(tiny, tmp_pat
     path = tmp_path / "ann.json"
     path.write_text(json.dumps(dataset))
     (images_dir / "2.png").unlink()
-    with pytest.warns(UserWarning):
-        coco = CocoDetection(images_dir, path)
+    coco = CocoDetection(images_dir, path)
     with pytest.raises(FileNotFoundError, match=r"2\.png.*ann\.json"):
         coco[1]
 
@@ -196,6 +204,82 @@ def test_annotation_file_that_is_not_json_raises_one_line_value_error(tmp_path, 
 def test_missing_annotation_file_raises_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.json"):
         CocoDetection(tmp_path, tmp_path / "nope.json")
+
+
+@pytest.mark.parametrize("change, message", [
+    # faster-coco-eval holds ids as doubles: 2**53 + 1 and 2**53 would be one image.
+    (lambda d: d["images"][1].update(id=2 ** 53 + 1),
+     r"^annotation_file: <annotation dict>: images\[1\]\['id'\] is 9007199254740993, expected an int of magnitude "
+     r"below 2\*\*53 = 9007199254740992$"),
+    (lambda d: d["images"][0].update(id=-(2 ** 53)), r"images\[0\]\['id'\] is -9007199254740992, expected an int"),
+    (lambda d: d["categories"][1].update(id=2 ** 60), r"categories\[1\]\['id'\] is 1152921504606846976, expected"),
+    # COCOeval takes annotation id 0 for "unmatched", faster-coco-eval negative ones too.
+    (lambda d: d["annotations"][0].update(id=0), r"annotations\[0\]\['id'\] is 0, expected an int in \[1, 2\*\*53"),
+    (lambda d: d["annotations"][3].update(id=-4),
+     r"annotations\[3\]\['id'\] is -4, expected an int in \[1, 2\*\*53"),
+], ids=["image_2**53+1", "image_-2**53", "category_2**60", "annotation_0", "annotation_negative"])
+def test_ids_that_the_evaluation_cannot_tell_apart_are_refused_at_load(tiny, change, message):
+    images_dir, dataset = tiny
+    change(dataset)
+    with pytest.raises(ValueError, match=message) as error:
+        CocoDetection(images_dir, dataset)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("bbox", [[0, 0, 1e300, 1e300], [-1e300, 0, 5, 5], [1e18, 0, 1e18, 5]])
+def test_boxes_beyond_float32_box_arithmetic_are_refused_naming_the_annotation_id(tiny, tmp_path, bbox):
+    images_dir, dataset = tiny
+    for image in dataset["images"]:  # without a size to clamp to, the box would reach the targets as is
+        del image["width"], image["height"]
+    dataset["annotations"][2]["bbox"] = bbox
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps(dataset))
+    with pytest.raises(ValueError) as error:
+        CocoDetection(images_dir, path)
+    assert str(error.value) == (f"annotation_file: {path}: annotation id 3 (annotations[2]) has bbox {bbox!r}, with a "
+                                f"corner beyond 1e+18 pixels, where float32 box areas overflow; expected [x, y, w, h] "
+                                f"in pixels")
+
+
+def test_boxes_just_inside_the_coordinate_limit_are_kept(tiny):
+    images_dir, dataset = tiny
+    dataset["annotations"][2]["bbox"] = [0, 0, 1e18, 1e18]
+    _, target = CocoDetection(images_dir, dataset)[1]  # clamped to the 64 px image
+    assert target["boxes"].tolist() == [[0.0, 0.0, 64.0, 64.0]]
+
+
+@pytest.mark.parametrize("annotations", [[{"id": 1}], ("a.json",), 3])
+def test_annotation_file_of_the_wrong_type_raises_value_error_naming_the_argument(tiny, annotations):
+    images_dir, _ = tiny
+    with pytest.raises(ValueError) as error:
+        CocoDetection(images_dir, annotations)
+    assert str(error.value) == (f"annotation_file: expected a path to a COCO json or a COCO dict, "
+                                f"got a {type(annotations).__name__}")
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    ({}, "lists no images; expected at least one"),
+    ({"max_images": 0}, "lists no images (after max_images=0); expected at least one"),
+])
+def test_an_empty_dataset_is_refused_at_load_naming_the_annotation_file(tiny, tmp_path, kwargs, expected):
+    images_dir, dataset = tiny
+    if not kwargs:
+        dataset = {**dataset, "images": [], "annotations": []}
+    path = tmp_path / "instances_val.json"
+    path.write_text(json.dumps(dataset))
+    with pytest.raises(ValueError) as error:
+        CocoDetection(images_dir, path, **kwargs)
+    assert str(error.value) == f"annotation_file: {path} {expected}"
+
+
+def test_a_dataset_left_empty_by_keep_empty_false_or_without_categories_is_refused(tiny):
+    images_dir, dataset = tiny
+    with pytest.raises(ValueError, match=r"^annotation_file: <annotation dict> lists no images \(after "
+                                         r"categories=\[90\], keep_empty=False\); expected at least one$"):
+        CocoDetection(images_dir, {**dataset, "annotations": dataset["annotations"][5:6]}, categories=[90],
+                      keep_empty=False)  # its one box of category 90 lies outside the image
+    with pytest.raises(ValueError, match=r"^annotation_file: <annotation dict> lists no categories; expected"):
+        CocoDetection(images_dir, {**dataset, "categories": [], "annotations": []})
 
 
 # --- broken image files ---------------------------------------------------------------------------
@@ -248,11 +332,13 @@ def test_undecodable_image_raises_one_line_value_error_naming_file_id_and_folder
     assert re.search(reason, message.split("cannot be decoded: ", 1)[1]), message
 
 
-def test_skip_bad_images_returns_the_next_good_image_and_reports_each_file_once(tiny, capsys):
+def test_skip_bad_images_returns_the_next_good_image_and_logs_each_file_once_with_a_count(tiny, caplog, capsys):
     images_dir, _ = tiny
     (images_dir / "2.png").write_bytes(BROKEN_FILES["truncated_jpeg"][0])
     (images_dir / "3.png").unlink()
     dataset = _dataset(tiny, skip_bad_images=True)
+    caplog.set_level(logging.WARNING, logger="detfocal")
+    caplog.clear()
     loader = DataLoader(dataset, batch_size=2, collate_fn=collate_fn, num_workers=0)
     for _ in range(2):
         batches = [[target["image_id"] for target in targets] for _, targets in loader]
@@ -261,9 +347,31 @@ def test_skip_bad_images_returns_the_next_good_image_and_reports_each_file_once(
     assert dataset.bad_images == ["2.png", "3.png"] and dataset.num_bad_images == 2
     with pytest.raises(IndexError):
         dataset[len(dataset)]
-    warnings = capsys.readouterr().err.strip().splitlines()
-    assert len(warnings) == 2
-    assert "image 2.png (id 2)" in warnings[0] and "3.png" in warnings[1] and "does not exist" in warnings[1]
+    warnings = _warnings(caplog)
+    assert len(warnings) == 2 and capsys.readouterr() == ("", "")
+    assert warnings[0].startswith("skipping a bad image (1 so far, skip_bad_images=True): image 2.png (id 2)")
+    assert "(2 so far" in warnings[1] and "3.png" in warnings[1] and "does not exist" in warnings[1]
+
+
+@pytest.mark.parametrize("kind", ["corrupt", "missing"])
+def test_a_bad_image_read_by_a_dataloader_worker_raises_one_line_naming_the_file(tiny, kind):
+    images_dir, _ = tiny
+    if kind == "corrupt":
+        (images_dir / "2.png").write_bytes(_png(SIZE, SIZE, 8, 2, b"\x00" * 7))  # too few pixel rows
+    else:
+        (images_dir / "2.png").unlink()
+    loader = DataLoader(_dataset(tiny), batch_size=2, collate_fn=collate_fn, num_workers=1)
+    expected_type = ValueError if kind == "corrupt" else FileNotFoundError
+    with pytest.raises(expected_type) as error:
+        list(loader)
+    message = str(error.value)
+    # The DataLoader re-raises a worker's exception with the worker's traceback as its message.
+    assert "\n" not in message and "Traceback" not in message and "worker" not in message, message
+    if kind == "corrupt":
+        assert re.fullmatch(rf"image 2\.png \(id 2\) in {re.escape(str(images_dir))} cannot be decoded: .+", message)
+    else:
+        assert message == (f"image file {images_dir / '2.png'} (image id 2) listed in <annotation dict> "
+                           f"does not exist")
 
 
 def test_16bit_training_images_are_scaled_not_clipped(tiny):
@@ -490,12 +598,43 @@ def test_check_output_path_refuses_the_input_file_under_any_name(tmp_path, monke
         check_output_path("in.json", ["in.json"])
 
 
+def _unwritable_folder(tmp_path):
+    """A folder where no file can be created: read-only by mode, or /sys (read-only) for root."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    for candidate in (folder, Path("/sys")):
+        try:
+            tempfile.TemporaryFile(dir=candidate).close()
+        except OSError:
+            return candidate
+    pytest.skip("no folder here refuses new files (root, and /sys is writable)")
+
+
+def test_subset_command_refuses_a_folder_or_unwritable_out_before_any_work(tmp_path, capsys):
+    source = tmp_path / "in.json"
+    source.write_text(SAMPLE.read_text())
+    read_only = _unwritable_folder(tmp_path)
+    cases = [(tmp_path, f"error: --out {tmp_path} is a folder, expected a json file path"),
+             (read_only / "sub.json", f"error: --out {read_only / 'sub.json'} cannot be written in {read_only}: "),
+             (read_only / "new" / "sub.json", f"error: --out {read_only / 'new' / 'sub.json'} cannot be written in "
+                                              f"{read_only}: ")]
+    before = sorted(tmp_path.rglob("*"))
+    for out, expected in cases:
+        # A misspelt category fails later, in the work: the output path is checked first.
+        assert cli_main(["subset", str(source), "--categories", "persn", "--out", str(out)]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith(expected) and error.count("\n") == 1 and ".tmp" not in error, error
+    assert sorted(tmp_path.rglob("*")) == before and source.read_text() == SAMPLE.read_text()
+
+
 def test_check_output_path_accepts_a_new_or_other_file(tmp_path):
     source = tmp_path / "in.json"
     source.write_text("{}")
     (tmp_path / "other.json").write_text("{}")
-    for out in (tmp_path / "new.json", tmp_path / "other.json"):
+    for out in (tmp_path / "new.json", tmp_path / "other.json", tmp_path / "new" / "folder" / "sub.json"):
         check_output_path(out, [source, {"images": []}])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.json", "other.json"]  # nothing created
 
 
 # --- the shapes dataset ---------------------------------------------------------------------------
@@ -564,9 +703,39 @@ def test_shapes_rare_class_and_empty_images_are_about_five_percent():
     assert set(counts) == {1, 3, 7, 12, 20}
 
 
-def test_shapes_generate_rejects_bad_sizes(tmp_path):
-    with pytest.raises(ValueError, match="image_size"):
-        shapes.generate(tmp_path, image_size=8)
+@pytest.mark.parametrize("name, value, expected", [
+    ("image_size", 8, "image_size: expected an int in [32, 4096], got 8"),
+    ("image_size", 100000, "image_size: expected an int in [32, 4096], got 100000"),
+    ("max_objects", 10 ** 9, "max_objects: expected an int in [1, 100], got 1000000000"),
+    ("num_train", 10 ** 6, "num_train: expected an int in [0, 100000], got 1000000"),
+    ("num_val", -1, "num_val: expected an int in [0, 100000], got -1"),
+    ("min_object_size", 3000, "min_object_size: expected an int in [4, 2048], got 3000"),
+    ("seed", -1, "seed: expected an int in [0, 4294967295], got -1"),
+    ("seed", 2 ** 32, "seed: expected an int in [0, 4294967295], got 4294967296"),
+])
+def test_shapes_generate_refuses_values_out_of_range_before_writing_anything(tmp_path, name, value, expected):
+    with pytest.raises(ValueError) as error:
+        shapes.generate(tmp_path / "shapes", **{name: value})
+    assert str(error.value) == expected
+    assert not (tmp_path / "shapes").exists()
+
+
+def test_shapes_limits_are_those_of_the_config():
+    from detfocal.config import schema
+
+    assert (shapes.MAX_IMAGES, shapes.MAX_IMAGE_SIZE, shapes.MAX_OBJECTS, shapes.SEED_LIMIT) == (
+        schema.MAX_SHAPES_IMAGES, schema.MAX_IMAGE_SIZE, schema.MAX_SHAPES_OBJECTS, schema.SEED_LIMIT)
+
+
+@pytest.mark.parametrize("option, value, expected", [
+    ("--max-objects", "1000000000", "error: max_objects: expected an int in [1, 100], got 1000000000"),
+    ("--image-size", "100000", "error: image_size: expected an int in [32, 4096], got 100000"),
+])
+def test_shapes_command_refuses_huge_values_on_one_line_before_any_work(tmp_path, capsys, option, value, expected):
+    assert cli_main(["shapes", "--out", str(tmp_path / "shapes"), option, value, "--no-progress"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == expected + "\n" and captured.out == ""
+    assert not (tmp_path / "shapes").exists()
 
 
 # --- command-line tools ---------------------------------------------------------------------------

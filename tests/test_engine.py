@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import random
@@ -16,12 +17,14 @@ from torch import nn
 import detfocal
 from detfocal.cli import main as cli_main
 from detfocal.engine import precision
-from detfocal.engine import train as train_module
 from detfocal.engine.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from detfocal.utils.io import read_jsonl as read_metrics
 from detfocal.engine.optim import build_ema, build_lr_schedule, build_optimizer, lr_factor, set_lr
 from detfocal.engine.precision import resolve_amp
-from detfocal.engine.train import prepare_output_dir, train_step
+from detfocal.engine import loop as loop_module
+from detfocal.engine.run_dir import RunFolder, choose_resume_checkpoint
+from detfocal.engine.step import train_step
+from detfocal.evaluation.coco import STAT_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "shapes_retinanet_r18.yaml")
@@ -221,18 +224,52 @@ def test_a_folder_holding_a_run_is_refused_without_resume_or_overwrite(tmp_path)
     (tmp_path / "last.pth").write_bytes(b"weights")
     (tmp_path / "mine.txt").write_text("the user's own file")
     with pytest.raises(ValueError, match=r"holds a run \(epoch 4, best AP 0.57\); use --resume"):
-        prepare_output_dir(tmp_path, resuming=False, overwrite=False)
+        RunFolder(tmp_path).__enter__()
     assert (tmp_path / "last.pth").read_bytes() == b"weights"
-    prepare_output_dir(tmp_path, resuming=True, overwrite=False)  # resuming is fine
-    prepare_output_dir(tmp_path, resuming=False, overwrite=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]  # only the run's own files went
+    with RunFolder(tmp_path, overwrite=True) as folder:
+        assert (tmp_path / "last.pth").read_bytes() == b"weights"  # nothing moves before the run can start
+        folder.start("model: {}\n")
+        assert not (tmp_path / "last.pth").exists() and (tmp_path / ".previous-run" / "last.pth").exists()
+        folder.checkpoint_written()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".detfocal.lock", "config.yaml", "mine.txt", "run.json"]
 
 
-def test_stale_checkpoint_temporaries_are_removed_at_start(tmp_path):
-    (tmp_path / ".last.pth.abc123.tmp").write_bytes(b"half a checkpoint")
-    (tmp_path / ".hidden").write_text("not ours")
-    removed = prepare_output_dir(tmp_path, resuming=True, overwrite=False)
-    assert [p.name for p in removed] == [".last.pth.abc123.tmp"] and (tmp_path / ".hidden").exists()
+def test_overwrite_puts_the_old_run_back_when_the_new_one_fails_before_its_first_checkpoint(tmp_path):
+    (tmp_path / "last.pth").write_bytes(b"weights")
+    with pytest.raises(RuntimeError, match="boom"):
+        with RunFolder(tmp_path, overwrite=True) as folder:
+            folder.start("model: {}\n")
+            raise RuntimeError("boom")
+    assert (tmp_path / "last.pth").read_bytes() == b"weights" and not (tmp_path / ".previous-run").exists()
+
+
+def test_only_our_own_checkpoint_temporaries_are_removed_at_start(tmp_path):
+    (tmp_path / ".last.pth.abc_1234.tmp").write_bytes(b"half a checkpoint")
+    for name in (".notes.tmp", ".last.pth.tmp", ".hidden", ".mine.pth.abc_1234.tmp"):
+        (tmp_path / name).write_text("the user's own")
+    with RunFolder(tmp_path):
+        pass
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [".detfocal.lock", ".hidden", ".last.pth.tmp", ".mine.pth.abc_1234.tmp", ".notes.tmp"]
+
+
+def test_a_second_training_into_a_locked_folder_is_refused_at_once(tmp_path):
+    import subprocess
+    import sys
+
+    # The lock is held by another process (flock locks are per open file, so a thread would not do).
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from detfocal.engine.run_dir import RunFolder; "
+                               f"f = RunFolder({str(tmp_path)!r}).__enter__(); print('locked', flush=True); "
+                               "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ValueError, match=r"is in use by another training \(pid \d+"):
+            RunFolder(tmp_path).__enter__()
+    finally:
+        holder.kill()
+        holder.wait()
+    with RunFolder(tmp_path):  # a killed holder leaves no stale lock
+        pass
 
 
 def test_unwritable_output_dir_is_a_one_line_error_before_any_work(tmp_path, monkeypatch):
@@ -243,13 +280,22 @@ def test_unwritable_output_dir_is_a_one_line_error_before_any_work(tmp_path, mon
 
     monkeypatch.setattr(tempfile, "TemporaryFile", read_only)  # root ignores chmod, so simulate it
     with pytest.raises(ValueError, match=r"--output-dir .* cannot be written: Permission denied"):
-        prepare_output_dir(tmp_path / "run", resuming=False, overwrite=False)
+        RunFolder(tmp_path / "run").__enter__()
 
 
 def test_output_dir_that_is_a_file_is_a_one_line_error(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is a file, expected a folder"):
-        prepare_output_dir(tmp_path / "file", resuming=False, overwrite=False)
+        RunFolder(tmp_path / "file").__enter__()
+
+
+def test_resume_chooses_the_checkpoint_with_more_iterations_not_the_newer_file(tmp_path):
+    save_checkpoint(tmp_path / "interrupted.pth", {"iteration": 7})
+    save_checkpoint(tmp_path / "last.pth", {"iteration": 4})
+    os.utime(tmp_path / "last.pth", (2e9, 2e9))  # touched: newer on disk, older in training
+    assert choose_resume_checkpoint(tmp_path) == tmp_path / "interrupted.pth"
+    save_checkpoint(tmp_path / "last.pth", {"iteration": 7})
+    assert choose_resume_checkpoint(tmp_path) == tmp_path / "last.pth"  # a tie goes to last.pth
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,15 +390,17 @@ def _straight_and_resumed(tmp_path: Path, common: list[str]) -> None:
 
 
 @pytest.mark.slow
-def test_train_is_a_library_call_returning_a_summary(tmp_path, tiny, one_thread, capsys, monkeypatch):
+def test_train_is_a_library_call_returning_a_summary(tmp_path, tiny, one_thread, caplog, monkeypatch):
     from detfocal.engine import workers
 
+    caplog.set_level(logging.INFO, logger="detfocal")
     monkeypatch.setattr(workers, "available_cores", lambda local_world_size=1: 1)
     summary = detfocal.train(DEMO, tmp_path / "run", overrides=[*tiny, "train.max_iters=2", "data.workers=auto"])
     assert summary["iterations"] == 2 and summary["stopped"] == "max_iters" and 0.0 <= summary["AP"] <= 1.0
     # One core: "auto" measures, and keeps loading in the training process.
     assert summary["data_workers"] == 0
-    assert "data.workers: auto chose 0 (loading a batch takes" in capsys.readouterr().out
+    assert "data.workers: auto chose 0 (loading a batch takes" in caplog.text
+    assert not any(record.levelno >= logging.WARNING for record in caplog.records)
     assert (tmp_path / "run" / "config.yaml").is_file() and (tmp_path / "run" / "last.pth").is_file()
 
 
@@ -372,19 +420,19 @@ def test_ctrl_c_mid_epoch_resumes_at_that_iteration_with_identical_weights(tmp_p
     common = tiny + ["train.epochs=2", "train.batch_size=2", "train.deterministic=true", "eval.interval=5",
                      "data.augment={hflip: 0.5, scale_jitter: [0.8, 1.2]}"]
     assert cli_main(["train", DEMO, "--output-dir", str(tmp_path / "straight"), "--set", *common]) == 0
-    step = train_module.train_step
+    step = loop_module.train_step
 
     def interrupted_step(*args, **kwargs):
         if kwargs["iteration"] == 5:
             signal.raise_signal(signal.SIGINT)
         return step(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "train_step", interrupted_step)
+    monkeypatch.setattr(loop_module, "train_step", interrupted_step)
     out = tmp_path / "resumed"
     assert cli_main(["train", DEMO, "--output-dir", str(out), "--set", *common]) == 130
     assert "interrupted: saved" in capsys.readouterr().err
     assert load_checkpoint(out / "interrupted.pth")["iteration"] == 6
-    monkeypatch.setattr(train_module, "train_step", step)
+    monkeypatch.setattr(loop_module, "train_step", step)
     assert cli_main(["train", DEMO, "--output-dir", str(out), "--resume", "--set", *common]) == 0
     assert "resumed from" in capsys.readouterr().out
     steps = [r["step"] for r in read_metrics(out / "metrics.jsonl") if r["type"] == "train"]
@@ -521,13 +569,14 @@ def test_ema_weights_are_evaluated_saved_and_resumed_exactly(tmp_path, tiny, one
 
 
 @pytest.mark.slow
-def test_patience_stops_a_run_that_no_longer_improves(tmp_path, tiny, capsys, one_thread):
+def test_patience_stops_a_run_that_no_longer_improves(tmp_path, tiny, caplog, one_thread):
+    caplog.set_level(logging.INFO, logger="detfocal")
     # A learning rate so small that the weights (and so the AP) cannot change between evaluations.
     summary = detfocal.train(DEMO, tmp_path / "run", overrides=[*tiny, "train.epochs=6", "train.lr=1e-12",
                                                                  "train.patience=2"])
     assert summary["stopped"] == "early stopping: no better val AP in 2 evaluations"
     assert summary["iterations"] == 3 * 2  # best at the first evaluation, then two without a better one
-    assert "done (early stopping" in capsys.readouterr().out
+    assert "done (early stopping" in caplog.text
 
 
 @pytest.mark.slow
@@ -632,3 +681,223 @@ def test_step_estimate_leaves_the_model_and_its_batchnorm_statistics_alone():
     assert resolve_workers("auto", [], 2, list, model, torch.device("cpu")) == (0, "data.workers: auto chose 0 (no images)")
     workers, why = resolve_workers("auto", [1, 2], 2, list, model, torch.device("cpu"), deterministic=True)
     assert workers == 0 and "train.deterministic" in why
+
+
+# ---------------------------------------------------------------------------------------------
+# callbacks, signals, run identity, and checkpoints of older releases
+
+
+class RecordingCallback:
+    """Records every event it receives, with the loop's iteration at that moment."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+
+    def on_run_start(self, run):
+        self.events.append(("run_start", run.iteration, run.total_iters))
+
+    def on_step_end(self, run, logs):
+        self.events.append(("step_end", run.iteration, dict(logs)))
+
+    def on_evaluation_end(self, run, stats):
+        self.events.append(("evaluation_end", run.iteration, dict(stats)))
+
+    def on_epoch_end(self, run, record):
+        self.events.append(("epoch_end", run.iteration, dict(record)))
+
+    def on_checkpoint(self, run, path, kind):
+        self.events.append(("checkpoint", run.iteration, kind, Path(path).is_file()))
+
+    def on_run_end(self, run, summary):
+        self.events.append(("run_end", run.iteration, dict(summary)))
+
+
+@pytest.mark.slow
+def test_a_user_callback_receives_every_event_of_a_two_iteration_run(tmp_path, tiny, one_thread):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    recorder = RecordingCallback()
+    summary = detfocal.train(DEMO, tmp_path / "run", overrides=[*tiny, "train.max_iters=2"], callbacks=[recorder])
+    names = [event[0] for event in recorder.events]
+    assert names == ["run_start", "step_end", "step_end", "evaluation_end", "checkpoint", "epoch_end", "checkpoint",
+                     "run_end"]
+    assert recorder.events[0][1:] == (0, 2)
+    steps = [event for event in recorder.events if event[0] == "step_end"]
+    assert [event[1] for event in steps] == [1, 2]
+    assert {"loss", "classification", "bbox_regression", "grad_norm", "lr", "images_per_s"} <= set(steps[0][2])
+    evaluation = next(event for event in recorder.events if event[0] == "evaluation_end")
+    assert set(STAT_NAMES) <= set(evaluation[2]) and evaluation[2]["AP"] == summary["AP"]
+    assert [event[2:] for event in recorder.events if event[0] == "checkpoint"] == [("best", True), ("last", True)]
+    assert recorder.events[-1][2]["stopped"] == "max_iters" and recorder.events[-1][2]["AP"] == summary["AP"]
+    # The built-in metrics.jsonl and TensorBoard callbacks saw the same steps.
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in records if r["type"] == "train"] == [1, 2]
+    assert [r["loss"] for r in records if r["type"] == "train"] == [event[2]["loss"] for event in steps]
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
+    assert [event.value for event in events.Scalars("train/loss")] == pytest.approx([e[2]["loss"] for e in steps])
+
+
+def test_callback_on_the_command_line_is_module_colon_name(tmp_path, monkeypatch, capsys):
+    from detfocal.cli import load_callback
+
+    (tmp_path / "my_tracker.py").write_text("class Tracker:\n    def on_run_end(self, run, summary):\n        pass\n"
+                                            "instance = Tracker()\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert type(load_callback("my_tracker:Tracker")).__name__ == "Tracker"
+    assert load_callback("my_tracker:instance").__class__.__name__ == "Tracker"
+    for spec, message in (("my_tracker", "expected MODULE:NAME"), ("my_tracker:Nope", "has no 'Nope'"),
+                          ("no_such_module:X", "no_such_module")):
+        with pytest.raises(ValueError, match=message):
+            load_callback(spec)
+    assert cli_main(["train", DEMO, "--callback", "my_tracker:Nope"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_sigterm_and_sigusr1_stop_at_the_step_boundary_save_and_resume_exactly(tmp_path, tiny, one_thread,
+                                                                                monkeypatch, capsys, signum):
+    common = tiny + ["train.epochs=2", "train.batch_size=2", "train.deterministic=true", "eval.interval=5"]
+    assert cli_main(["train", DEMO, "--output-dir", str(tmp_path / "straight"), "--set", *common]) == 0
+    step = loop_module.train_step
+
+    def signalled_step(*args, **kwargs):
+        if kwargs["iteration"] == 2:
+            signal.raise_signal(signum)
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(loop_module, "train_step", signalled_step)
+    out = tmp_path / "resumed"
+    assert cli_main(["train", DEMO, "--output-dir", str(out), "--set", *common]) == 128 + signum
+    err = capsys.readouterr().err
+    assert f"{signal.Signals(signum).name}: stopping after this step" in err and "interrupted: saved" in err
+    assert load_checkpoint(out / "interrupted.pth")["iteration"] == 3
+    monkeypatch.setattr(loop_module, "train_step", step)
+    assert cli_main(["train", DEMO, "--output-dir", str(out), "--resume", "--set", *common]) == 0
+    _same_weights(tmp_path / "straight" / "last.pth", out / "last.pth")
+    assert signal.getsignal(signum) is signal.SIG_DFL  # the handler is gone after the run
+
+
+@pytest.mark.slow
+def test_resume_after_a_kill_drops_replayed_records_and_a_partial_last_line(tmp_path, tiny, one_thread):
+    out = tmp_path / "run"
+    common = [*tiny, "train.epochs=2"]
+    detfocal.train(DEMO, out, overrides=[*common, "train.max_iters=2"])  # epoch 0: last.pth at step 2
+    with open(out / "metrics.jsonl", "a") as handle:  # steps 3-4 logged, then killed mid-append
+        handle.write('{"type": "train", "step": 3, "loss": 9}\n{"type": "train", "step": 4, "loss": 9}\n{"type": "tr')
+    summary = detfocal.train(DEMO, out, resume=True, overrides=common)
+    assert summary["iterations"] == 4 and (out / "results.json").is_file() and (out / "loss.png").is_file()
+    steps = [r["step"] for r in read_metrics(out / "metrics.jsonl") if r["type"] == "train"]
+    assert steps == [1, 2, 3, 4] and all(r["loss"] != 9 for r in read_metrics(out / "metrics.jsonl"))
+
+
+@pytest.mark.slow
+def test_resuming_another_runs_checkpoint_into_a_folder_holding_a_run_is_refused(tmp_path, tiny, one_thread, capsys):
+    first, second = tmp_path / "first", tmp_path / "second"
+    for out in (first, second):
+        assert cli_main(["train", DEMO, "--output-dir", str(out), "--set", *tiny, "train.max_iters=1"]) == 0
+    before = {name: _sha256(second / name) for name in ("last.pth", "metrics.jsonl")}
+    capsys.readouterr()
+    assert cli_main(["train", DEMO, "--output-dir", str(second), "--resume", str(first / "last.pth"), "--set",
+                     *tiny, "train.max_iters=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is from another run" in err and "--overwrite" in err
+    assert {name: _sha256(second / name) for name in before} == before
+    # Its own checkpoint, by path or by the run id stored in it, resumes.
+    run_id = (second / "run.json").read_text()
+    assert load_checkpoint(second / "last.pth")["run_id"] in run_id
+    assert cli_main(["train", DEMO, "--output-dir", str(second), "--resume", "--set", *tiny, "train.max_iters=2"]) == 0
+
+
+@pytest.mark.slow
+def test_overwrite_with_a_bad_data_path_leaves_the_old_run_untouched(tmp_path, tiny, one_thread, capsys):
+    out = tmp_path / "run"
+    assert cli_main(["train", DEMO, "--output-dir", str(out), "--set", *tiny, "train.max_iters=1"]) == 0
+    before = {path.name: _sha256(path) for path in out.iterdir() if path.is_file() and path.name != "log.txt"}
+    bad = ["data.shapes=null", f"data.train={{images: {tmp_path}, annotations: {tmp_path}/typo.json}}",
+           f"data.val={{images: {tmp_path}, annotations: {tmp_path}/typo.json}}"]
+    assert cli_main(["train", DEMO, "--output-dir", str(out), "--overwrite", "--set", *tiny, *bad]) == 2
+    assert "typo.json" in capsys.readouterr().err
+    after = {path.name: _sha256(path) for path in out.iterdir() if path.is_file() and path.name != "log.txt"}
+    assert after == before
+
+
+@pytest.mark.slow
+def test_a_checkpoint_written_before_the_engine_restructure_still_resumes_exactly(tmp_path, one_thread, monkeypatch):
+    """tests/data/legacy holds a run interrupted at step 3, written by commit b82acb6, and the final
+    weights of the same run left alone (tests/data/legacy/make_legacy.py made both)."""
+    legacy = Path(__file__).parent / "data" / "legacy"
+    monkeypatch.syspath_prepend(str(legacy))
+    from make_legacy import overrides
+
+    out = tmp_path / "resumed"
+    summary = detfocal.train(DEMO, out, resume=legacy / "interrupted_at_step3.pth",
+                             overrides=overrides(tmp_path / "shapes"))
+    assert summary["iterations"] == 8
+    steps = [r["step"] for r in read_metrics(out / "metrics.jsonl") if r["type"] == "train"]
+    assert steps == [4, 5, 6, 7, 8]
+    got = load_checkpoint(out / "last.pth")["model"]
+    expected = torch.load(legacy / "full_run_final_model.pth", weights_only=True)
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():  # identical on the CPU that wrote it; other CPUs round differently
+        torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_one_oserror_naming_the_file(tmp_path, monkeypatch):
+    save_checkpoint(tmp_path / "last.pth", {"iteration": 1})
+    real_save = torch.save
+
+    def full_disk(obj, handle, *args, **kwargs):
+        handle.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match=r"cannot write .*last.pth: .*file write failed; the previous file is intact"):
+        save_checkpoint(tmp_path / "last.pth", {"iteration": 2})
+    monkeypatch.setattr(torch, "save", real_save)
+    assert load_checkpoint(tmp_path / "last.pth")["iteration"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]  # no temporary left behind
+
+
+@pytest.mark.slow
+def test_the_mlflow_how_to_callback_logs_a_run_offline(tmp_path, tiny, one_thread, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    page = (ROOT / "docs" / "how-to" / "callbacks.md").read_text()
+    code = next(block for block in page.split("```python\n")[1:] if "class MlflowCallback" in block).split("```")[0]
+    namespace: dict = {}
+    exec(compile(code, "docs/how-to/callbacks.md", "exec"), namespace)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    store = f"file://{tmp_path / 'mlruns'}"
+    summary = detfocal.train(DEMO, tmp_path / "run", overrides=[*tiny, "train.max_iters=2"],
+                             callbacks=[namespace["MlflowCallback"](tracking_uri=store)])
+    client = mlflow.tracking.MlflowClient(store)
+    runs = client.search_runs([experiment.experiment_id for experiment in client.search_experiments()])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.params["train.max_iters"] == "2" and runs[0].data.metrics["AP"] == summary["AP"]
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")] == [1, 2]
+    assert [a.path for a in client.list_artifacts(runs[0].info.run_id)] == ["best.pth"]
+
+
+@pytest.mark.slow
+def test_one_data_loader_per_run_keeps_its_worker_processes_across_epochs(tmp_path, tiny, one_thread, monkeypatch):
+    from torch.utils.data import DataLoader
+
+    from detfocal.engine import train as train_module
+
+    built = []
+
+    class CountingLoader(DataLoader):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(train_module, "DataLoader", CountingLoader)
+    summary = detfocal.train(DEMO, tmp_path / "run", overrides=[*tiny, "train.epochs=3", "data.workers=1",
+                                                                 "eval.interval=5"])
+    assert summary["iterations"] == 6 and summary["data_workers"] == 1
+    assert len(built) == 2  # one for training, one for evaluation, for the whole run
+    train_loader = next(loader for loader in built if loader.batch_sampler is not None
+                        and hasattr(loader.batch_sampler, "iters_per_epoch"))
+    assert train_loader.persistent_workers and not train_loader.pin_memory  # pin_memory only on CUDA

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -303,12 +304,20 @@ def test_synchronize_gathers_all_ranks_and_counts_padded_repeats_once(tiny_gt, m
     assert [(r["image_id"], r["category_id"]) for r in evaluator.results()] == [(1, 3), (2, 7)]
 
 
-def test_summarize_prints_the_table_only_when_verbose(tiny_gt, capsys, backend):
+def test_summarize_logs_the_table_only_when_verbose_and_prints_nothing(tiny_gt, capsys, caplog, backend):
+    caplog.set_level(logging.INFO, logger="detfocal")
     evaluator = CocoEvaluator(tiny_gt, [3, 7, 90], backend=backend)
     evaluator.summarize()
-    assert capsys.readouterr().out == ""
+    assert capsys.readouterr() == ("", "") and not caplog.records
     evaluator.summarize(verbose=True)
-    assert "Average Precision" in capsys.readouterr().out
+    assert capsys.readouterr() == ("", "")
+    (record,) = caplog.records
+    assert record.name == "detfocal.evaluation.coco" and record.levelno == logging.INFO
+    table = record.getMessage().splitlines()
+    # pycocotools' 12 stats; faster-coco-eval adds AR at IoU 0.5 and 0.75.
+    assert len(table) == (12 if backend == "pycocotools" else 14)
+    assert all("Average Precision" in line for line in table[:6])
+    assert all("Average Recall" in line for line in table[6:])
 
 
 def test_write_plots_writes_two_pngs_and_the_per_class_csv(tiny_gt, tmp_path, backend):
@@ -357,11 +366,69 @@ def test_pr_curves_of_80_classes_label_only_the_best_and_worst_five(fake_evaluat
                                                                "labels": torch.tensor([3])}}), r"labels must be in \[0, 3\)"),
         (lambda gt: evaluate_results(gt, [{"image_id": 1, "category_id": 2, "bbox": [0, 0, 5, 5], "score": 1.0}]),
          "category ids \\[2\\] are not in the ground truth"),
+        (lambda gt: CocoEvaluator([gt], [3, 7, 90]),
+         r"^annotation_file: expected a path to a COCO json or a COCO dict, got a list$"),
     ],
 )
 def test_bad_inputs_raise_value_errors_naming_the_problem(tiny_gt, build, message):
     with pytest.raises(ValueError, match=message):
         build(tiny_gt)
+
+
+DETECTION = {"image_id": 1, "category_id": 3, "bbox": [2, 2, 20, 20], "score": 0.9}
+
+
+@pytest.mark.parametrize("results, expected", [
+    ({"1": DETECTION}, "results_json: expected a list of detections or the path of a json holding one, got a dict"),
+    ("not a path or list", "results_json: not a path or list does not exist"),
+    ([DETECTION, "x"], "results_json: detection 1 is a str ('x'), expected a dict with image_id, category_id, bbox "
+                       "and score"),
+    ([{**DETECTION, "bbox": "2,2,20,20"}],
+     "results_json: detection 0 has bbox '2,2,20,20', expected [x, y, w, h], four finite numbers"),
+    ([{**DETECTION, "bbox": [2, 2, 20]}],
+     "results_json: detection 0 has bbox [2, 2, 20], expected [x, y, w, h], four finite numbers"),
+    ([{**DETECTION, "bbox": [2, 2, float("inf"), 20]}],
+     "results_json: detection 0 has bbox [2, 2, inf, 20], expected [x, y, w, h], four finite numbers"),
+    ([{**DETECTION, "image_id": "1"}], "results_json: detection 0 has image_id '1', expected an int"),
+    ([{**DETECTION, "category_id": 3.0}], "results_json: detection 0 has category_id 3.0, expected an int"),
+    ([{**DETECTION, "score": None}], "results_json: detection 0 has score None, expected a finite number"),
+    ([{"image_id": 1, "bbox": [0, 0, 1, 1]}], "results_json: detection 0 has no ['category_id', 'score']"),
+])
+def test_malformed_results_raise_value_error_saying_what_is_wrong(tiny_gt, backend, results, expected):
+    error_type = FileNotFoundError if isinstance(results, str) else ValueError
+    with pytest.raises(error_type) as error:
+        evaluate_results(tiny_gt, results, backend=backend)
+    assert str(error.value) == expected
+
+
+def test_results_with_numpy_numbers_and_tuples_evaluate_as_plain_ones(tiny_gt, backend):
+    plain = [DETECTION, {**DETECTION, "image_id": 2, "category_id": 7, "bbox": [10, 10, 50, 50], "score": 0.5}]
+    typed = [{"image_id": np.int64(r["image_id"]), "category_id": np.int32(r["category_id"]),
+              "bbox": tuple(np.float32(v) for v in r["bbox"]), "score": np.float64(r["score"])} for r in plain]
+    assert evaluate_results(tiny_gt, typed, backend=backend) == evaluate_results(tiny_gt, plain, backend=backend)
+    assert isinstance(typed[0]["bbox"], tuple)  # the caller's detections are left as they were
+
+
+def test_results_file_that_is_not_json_raises_one_line_value_error(tiny_gt, tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text("[{")
+    with pytest.raises(ValueError, match=rf"^results_json: {path} is not valid UTF-8 json "
+                                         rf"\(JSONDecodeError: [^\n]*\)$"):
+        evaluate_results(tiny_gt, path)
+
+
+@pytest.mark.parametrize("field", ["images", "categories"])
+def test_ground_truth_ids_beyond_2_53_are_refused_before_either_backend_sees_them(tiny_gt, backend, field):
+    # faster-coco-eval holds ids as doubles: 2**53 + 1 and 2**53 + 2 would be one image, or one class.
+    big = 2 ** 53 + 1
+    tiny_gt[field][1]["id"] = big
+    reference = "image_id" if field == "images" else "category_id"
+    for ann in tiny_gt["annotations"]:
+        if ann[reference] == (2 if field == "images" else 7):
+            ann[reference] = big
+    with pytest.raises(ValueError, match=rf"^annotation_file: <annotation dict>: {field}\[1\]\['id'\] is {big}, "
+                                         rf"expected an int of magnitude below 2\*\*53"):
+        CocoEvaluator(tiny_gt, [3, 7, 90], backend=backend)
 
 
 def test_missing_results_file_raises_file_not_found(tiny_gt, tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from detfocal.config import config_to_dict, load_config, model_kwargs
 from detfocal.data import load_image, shapes
 from detfocal.engine.checkpoint import save_checkpoint
 from detfocal.engine.export import export_onnx, run_onnx
-from detfocal.engine.inference import load_model
+from detfocal.engine.loading import load_model
 from detfocal.utils.registry import DETECTORS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,7 +162,8 @@ def test_export_of_a_file_that_is_not_a_checkpoint_is_one_line(tmp_path):
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"image_size": 0}, r"image_size: expected None \(any size\) or a positive int, got 0"),
+    ({"image_size": 0}, r"image_size: expected None \(any size\) or an int in \[1, 4096\] \(pixels\), got 0"),
+    ({"image_size": 100000}, r"image_size: .* in \[1, 4096\] \(pixels\), got 100000"),
     ({"image_size": 64.0}, "image_size: .* got 64.0"),
     ({"opset": 9}, r"opset: expected an int in \[11, 20\], got 9"),
     ({"score_thresh": 1.5}, r"score_thresh: expected a score in \[0, 1\], got 1.5"),
@@ -211,3 +213,84 @@ def test_export_command_writes_the_model_and_says_what_it_takes(tmp_path, tiny, 
     assert out.is_file() and "input image float32 [3, 64, 64] RGB in [0, 1]" in capsys.readouterr().out
     assert cli_main(["export", str(checkpoint), "--out", str(out)]) == 2  # never replaced without --overwrite
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_export_image_size_above_the_limit_is_one_line_before_reading_the_checkpoint(tmp_path, capsys):
+    from detfocal.cli import main as cli_main
+
+    code = cli_main(["export", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "model.onnx"),
+                     "--image-size", "100000"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == ("error: image_size: expected None (any size) or an int in [1, 4096] (pixels), "
+                                 "got 100000")
+    assert not (tmp_path / "model.onnx").exists()
+
+
+@pytest.mark.parametrize("where", ["inside a file", "read-only"])
+def test_export_to_an_unwritable_out_names_it_before_reading_the_checkpoint(tmp_path, capsys, where):
+    from detfocal.cli import main as cli_main
+
+    if where == "inside a file":
+        (tmp_path / "notes.txt").write_text("mine")
+        out, expected = tmp_path / "notes.txt" / "model.onnx", f"{tmp_path / 'notes.txt'} is a file, not a folder"
+    else:  # sysfs refuses new entries even to root, for whom a chmod-ed folder stays writable
+        out, expected = Path("/sys/detfocal-test/model.onnx"), "cannot be written: its folder /sys"
+        if not Path("/sys").is_dir() or os.access("/sys", os.W_OK) and _can_create_in(Path("/sys")):
+            pytest.skip("needs a read-only /sys")
+    # The checkpoint does not exist: the message about --out shows that it came first.
+    assert cli_main(["export", str(tmp_path / "missing.pth"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: --out {out} cannot be written") and expected in err
+    assert ".tmp" not in err
+    if where == "inside a file":
+        assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def _can_create_in(folder: Path) -> bool:
+    import tempfile
+
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError:
+        return False
+    return True
+
+
+def test_export_of_a_checkpoint_folder_says_it_is_a_folder(tmp_path, capsys):
+    pytest.importorskip("onnx")
+    from detfocal.cli import main as cli_main
+
+    (tmp_path / "run").mkdir()
+    assert cli_main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "model.onnx")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: checkpoint {tmp_path / 'run'} is a folder, expected a .pth file"
+
+
+def _identity_onnx_model(path: Path) -> Path:
+    """A model with detfocal's input and output names whose outputs are its input: enough to open a session."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, [3, "height", "width"])
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("boxes", "scores", "labels")]
+    nodes = [helper.make_node("Identity", ["image"], [name]) for name in ("boxes", "scores", "labels")]
+    model = helper.make_model(helper.make_graph(nodes, "identity", [image], outputs),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # readable by older onnxruntime releases too
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("shape", [(3, 0, 0), (3, 0, 8), (3, 8, 0)])
+def test_run_onnx_on_an_empty_image_names_the_image_and_its_shape(tmp_path, shape):
+    pytest.importorskip("onnxruntime")
+    path = _identity_onnx_model(tmp_path / "model.onnx")
+    with pytest.raises(ValueError, match=rf"^image: expected an image with H, W >= 1, got an empty one of shape "
+                                         rf"\[3, {shape[1]}, {shape[2]}\]$"):
+        run_onnx(path, np.zeros(shape, np.float32))
+    assert run_onnx(path, np.zeros((3, 2, 2), np.float32))["boxes"].shape == (3, 2, 2)  # the model itself runs
+
+
+def test_run_onnx_on_a_folder_says_it_is_a_folder(tmp_path):
+    pytest.importorskip("onnxruntime")
+    with pytest.raises(ValueError, match=f"^ONNX model {tmp_path} is a folder, expected an .onnx file$"):
+        run_onnx(tmp_path, np.zeros((3, 8, 8), np.float32))

@@ -115,12 +115,12 @@ def test_a_refused_ema_call_leaves_the_buffer_alone():
 
 
 def test_batch_normalizer_keeps_float64_exact_under_a_world_size(monkeypatch):
-    from detfocal.modeling import heads
+    from detfocal.modeling import head_loss
 
     logits, targets, matched_idxs = make_batch(dtype=torch.float64)
     labels = labels_from_matched_idxs(targets, matched_idxs, NUM_CLASSES)
     num_positive = int(((labels >= 0) & (labels < NUM_CLASSES)).sum())
-    monkeypatch.setattr(heads, "_count_over", lambda foreground, group: (foreground.sum(), 3))
+    monkeypatch.setattr(head_loss, "_count_over", lambda foreground, group: (foreground.sum(), 3))
     got = focal_head_loss(logits, labels)
     torch.testing.assert_close(got, reference_focal_sum(logits, labels) * 3 / num_positive, rtol=1e-14, atol=0)
 
@@ -286,6 +286,28 @@ def test_labels_of_wrong_shape_raise_value_error():
     with pytest.raises(ValueError, match=r"targets\[0\]\['labels'\] must be an integer tensor \[M\]"):
         labels_from_matched_idxs([{"labels": torch.zeros(2, 1, dtype=torch.long)}],
                                  [torch.zeros(5, dtype=torch.long)], 3)
+
+
+@pytest.mark.parametrize("bad", [NUM_CLASSES + 5, -2])
+@pytest.mark.parametrize("normalization", ["batch", "image"])
+def test_focal_head_loss_names_labels_not_targets_for_a_label_out_of_range(bad, normalization):
+    labels = torch.full((2, 10), NUM_CLASSES)
+    labels[1, 3] = bad
+    with pytest.raises(ValueError, match=rf"^labels holds {bad}, expected labels in \[0, {NUM_CLASSES}\]"):
+        focal_head_loss(torch.randn(2, 10, NUM_CLASSES), labels, normalization=normalization)
+
+
+def test_every_public_name_of_heads_stays_importable_from_heads_and_modeling():
+    import detfocal.modeling as modeling
+    from detfocal.modeling import head_loss, heads
+
+    for name in heads.__all__:
+        assert hasattr(heads, name), name
+        if hasattr(head_loss, name):
+            assert getattr(heads, name) is getattr(head_loss, name), name
+    for name in ("FocalClassificationHead", "focal_head_loss", "labels_from_matched_idxs"):
+        assert getattr(modeling, name) is getattr(heads, name)
+    assert heads.FocalClassificationHead.compute_loss.__module__ == "detfocal.modeling.heads"
 
 
 def test_target_label_not_below_num_classes_raises_value_error():

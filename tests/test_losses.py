@@ -12,7 +12,7 @@ from torchvision.ops import sigmoid_focal_loss as tv_sigmoid_focal_loss
 
 from conftest import LOSS_SCALES, assert_half_grad_matches_float64, backward_ops_on
 from detfocal import SigmoidFocalLoss, sigmoid_focal_loss, softmax_focal_loss
-from detfocal.losses import (focal_loss_with_probs, quality_focal_loss, sigmoid_focal_loss_star,
+from detfocal.losses import (double_backward, focal_loss_with_probs, quality_focal_loss, sigmoid_focal_loss_star,
                              varifocal_loss)
 
 ALPHAS = [-1, 0.0, 0.25, 0.58, 1.0]
@@ -33,7 +33,9 @@ def _reference_focal64(logits, targets, alpha, gamma):
     z = logits.double()
     t = targets.double()
     p = torch.sigmoid(z)
-    ce = -(t * torch.log(p) + (1 - t) * torch.log1p(-p))
+    # log p = -softplus(-z) and log(1 - p) = -softplus(z): log1p(-p) loses digits once p rounds near 1
+    # (at z = 36.7, float64's p is 1 - 2**-53 and log1p(-p) is off by 0.68).
+    ce = t * torch.nn.functional.softplus(-z) + (1 - t) * torch.nn.functional.softplus(z)
     p_t = p * t + (1 - p) * (1 - t)
     loss = ce * (1 - p_t) ** gamma
     if alpha is not None and alpha >= 0:
@@ -105,7 +107,6 @@ def test_integer_labels_equal_float_path_on_one_hot(reduction, ignore_index, gam
         ref = torch.zeros_like(logits)
         ref[keep] = tv_sigmoid_focal_loss(ref_logits, ref_targets, 0.25, gamma, "none")
         torch.testing.assert_close(ours, ref)
-        ref_grad = torch.zeros_like(logits)
         x = ref_logits.clone().requires_grad_(True)
         upstream = torch.linspace(0.5, 1.5, logits.numel(), dtype=logits.dtype).reshape(logits.shape)
         tv_sigmoid_focal_loss(x, ref_targets, 0.25, gamma, "none").mul(upstream[keep]).sum().backward()
@@ -621,6 +622,300 @@ def test_backward_twice_through_retained_graph_is_correct():
     (first,) = torch.autograd.grad(loss * 3.0, logits, retain_graph=True)
     (second,) = torch.autograd.grad(loss * 0.5, logits)
     torch.testing.assert_close(second, first / 6.0)
+
+
+def test_gradient_handed_out_with_retain_graph_is_a_copy_the_caller_may_modify():
+    logits = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 1, 3, -1])
+    x64 = logits.detach().clone().requires_grad_()
+    one_hot = F.one_hot(labels.clamp(min=0), 4)[:, :3].double() * (labels != -1).unsqueeze(-1)
+    (reference,) = torch.autograd.grad(_reference_focal64(x64, one_hot, 0.25, 2.0)[labels != -1].sum(), x64)
+    for loss in (sigmoid_focal_loss(logits, labels, reduction="sum"),
+                 sigmoid_focal_loss(logits, one_hot + 0.0 * (labels == -1).unsqueeze(-1), reduction="none")):
+        upstream = torch.ones_like(loss) * (labels != -1).unsqueeze(-1) if loss.dim() else torch.ones(())
+        for scale in (1.0, 3.0):
+            (first,) = torch.autograd.grad(loss, logits, upstream * scale, retain_graph=True)
+            torch.testing.assert_close(first, reference * scale, rtol=1e-10, atol=1e-14)
+            first.mul_(100.0)  # the caller's tensor: must not be the buffer the next backward reads
+        (last,) = torch.autograd.grad(loss, logits, upstream)
+        torch.testing.assert_close(last, reference, rtol=1e-10, atol=1e-14)
+
+
+def test_backward_with_retain_graph_twice_accumulates_torchvisions_gradient_twice():
+    logits = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    targets = torch.rand(5, 4, dtype=torch.float64)
+    loss = sigmoid_focal_loss(logits, targets, reduction="mean")
+    loss.backward(retain_graph=True)
+    loss.backward()
+    x64 = logits.detach().clone().requires_grad_()
+    tv_sigmoid_focal_loss(x64, targets, reduction="mean").backward()
+    torch.testing.assert_close(logits.grad, 2 * x64.grad, rtol=1e-10, atol=1e-14)
+
+
+def test_softmax_gradient_handed_out_with_retain_graph_is_a_copy():
+    logits = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 1, 2, 3, 1, 0])
+    loss = softmax_focal_loss(logits, target, gamma=0.0, reduction="none")  # per row: F.cross_entropy
+    upstream = torch.linspace(0.5, 1.5, 6, dtype=torch.float64)
+    (first,) = torch.autograd.grad(loss, logits, upstream, retain_graph=True)
+    first.zero_()
+    (last,) = torch.autograd.grad(loss, logits, upstream)
+    x64 = logits.detach().clone().requires_grad_()
+    (F.cross_entropy(x64, target, reduction="none") * upstream).sum().backward()
+    torch.testing.assert_close(last, x64.grad, rtol=1e-10, atol=1e-14)
+
+
+# ---------------------------------------------------------------- second derivatives (create_graph)
+def _gradient_penalty(fn, logits, *args, **kwargs):
+    """loss + ||dloss/dx||^2, differentiated again: the Hessian enters the gradient."""
+    x = logits.detach().clone().requires_grad_()
+    loss = fn(x, *args, **kwargs)
+    (grad,) = torch.autograd.grad(loss.sum(), x, create_graph=True)
+    total = loss.sum() + grad.pow(2).sum()
+    (second,) = torch.autograd.grad(total, x)
+    return grad.detach(), total.detach(), second
+
+
+@pytest.mark.parametrize("alpha", [-1, 0.25])
+@pytest.mark.parametrize("gamma", [0.0, 1.0, 2.0])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_create_graph_second_derivative_matches_torchvision(alpha, gamma, reduction):
+    logits = torch.randn(3, 7, 4, dtype=torch.float64) * 2
+    targets = (torch.rand(3, 7, 4) < 0.3).double()
+    ours = _gradient_penalty(sigmoid_focal_loss, logits, targets, alpha, gamma, reduction)
+    theirs = _gradient_penalty(tv_sigmoid_focal_loss, logits, targets, alpha, gamma, reduction)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_create_graph_through_integer_labels_matches_float64_autograd(label_smoothing, reduction):
+    logits = torch.randn(2, 9, 5, dtype=torch.float64) * 2
+    labels = torch.randint(-1, 6, (2, 9))
+    alpha = torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9], dtype=torch.float64)
+    kept = (labels != -1).unsqueeze(-1)
+
+    def reference(x):
+        t = F.one_hot(labels.clamp(min=0), 6)[..., :5].double()
+        t = t * (1 - label_smoothing) + label_smoothing / 2
+        loss = _reference_with_tensor_alpha(x, t, alpha, 1.5) * kept
+        if reduction == "none":
+            return loss
+        return loss.sum() / (kept.sum() * 5 if reduction == "mean" else 1)
+
+    ours = _gradient_penalty(sigmoid_focal_loss, logits, labels, alpha, 1.5, reduction,
+                             label_smoothing=label_smoothing)
+    theirs = _gradient_penalty(reference, logits)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_gradgradcheck_through_logits_soft_targets_and_alpha():
+    logits = (torch.randn(3, 4, dtype=torch.float64) * 2).requires_grad_()
+    targets = (torch.rand(3, 4, dtype=torch.float64) * 0.8 + 0.1).requires_grad_()
+    alpha = (torch.rand(4, dtype=torch.float64) * 0.8 + 0.1).requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda x, t, a: sigmoid_focal_loss(x, t, a, 2.0, "sum"),
+                                        (logits, targets, alpha))
+    labels = torch.tensor([0, 4, -1])
+    assert torch.autograd.gradgradcheck(lambda x: sigmoid_focal_loss(x, labels, 0.25, 0.5, "none"), (logits,))
+
+
+@pytest.mark.parametrize("gamma", [0.0, 2.0])
+def test_softmax_create_graph_matches_float64_autograd(gamma):
+    logits = torch.randn(8, 5, dtype=torch.float64) * 2
+    target = torch.tensor([0, 1, 2, 3, 4, -100, 1, 0])
+    kept = target != -100
+
+    def reference(x):
+        log_p = torch.log_softmax(x, -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return (-(1 - log_p.exp()) ** gamma * log_p * kept).sum() / kept.sum()
+
+    ours = _gradient_penalty(softmax_focal_loss, logits, target, None, gamma)
+    theirs = _gradient_penalty(reference, logits)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_create_graph_on_half_logits_matches_float64_on_the_same_logits():
+    labels = torch.tensor([0, 6, 3, -1])
+    x16 = (torch.randn(4, 6) * 2).half().requires_grad_()
+    (grad,) = torch.autograd.grad(sigmoid_focal_loss(x16, labels, reduction="sum"), x16, create_graph=True)
+    assert grad.dtype == torch.float16 and grad.requires_grad
+    (second,) = torch.autograd.grad(grad.float().pow(2).sum(), x16)
+    x64 = x16.detach().double().requires_grad_()
+    (grad64,) = torch.autograd.grad(sigmoid_focal_loss(x64, labels, reduction="sum"), x64, create_graph=True)
+    (second64,) = torch.autograd.grad(grad64.pow(2).sum(), x64)
+    torch.testing.assert_close(grad.double(), grad64, rtol=1e-3, atol=1e-6)  # rounded once to fp16
+    torch.testing.assert_close(second.double(), second64, rtol=4e-3, atol=1e-4)  # two fp16 roundings
+
+
+def test_create_graph_through_intermediate_logits_raises_unless_inside_double_backward():
+    weight = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 1, 3, -1])
+    loss = sigmoid_focal_loss(weight * 2.0, labels, reduction="sum")  # the logits are freed at once
+    with pytest.raises(RuntimeError, match="logits was freed after the forward pass.*double_backward"):
+        torch.autograd.grad(loss, weight, create_graph=True)
+    with double_backward():
+        loss = sigmoid_focal_loss(weight * 2.0, labels, reduction="sum")
+    (grad,) = torch.autograd.grad(loss, weight, create_graph=True)
+    (second,) = torch.autograd.grad(grad.pow(2).sum(), weight)
+    x = weight.detach().clone().requires_grad_()
+    one_hot = F.one_hot(labels.clamp(min=0), 4)[:, :3].double()
+    reference_loss = (tv_sigmoid_focal_loss(x * 2.0, one_hot) * (labels != -1).unsqueeze(-1)).sum()
+    (reference_grad,) = torch.autograd.grad(reference_loss, x, create_graph=True)
+    (reference,) = torch.autograd.grad(reference_grad.pow(2).sum(), x)
+    torch.testing.assert_close(second, reference, rtol=1e-9, atol=1e-12)
+
+
+def test_create_graph_needs_the_logits_unmodified():
+    weight = torch.randn(4, 3, requires_grad=True)
+    logits = weight.detach().clone().requires_grad_()
+    moved = logits * 1.0
+    loss = sigmoid_focal_loss(moved, torch.tensor([0, 1, 3, -1]), reduction="sum")
+    with torch.no_grad():
+        moved.add_(1.0)
+    with pytest.raises(RuntimeError, match="logits of the loss was modified in place"):
+        torch.autograd.grad(loss, logits, create_graph=True)
+
+
+def test_create_graph_recomputes_eagerly_even_when_the_loss_is_compiled(fresh_backend, monkeypatch):
+    calls = []
+
+    def fake_compile(fn, **kwargs):  # stands in for torch.compile: counts the calls of the "compiled" twin
+        def run(*args):
+            calls.append(fn.__name__)
+            return fn(*args)
+        return run
+
+    monkeypatch.setenv("DETFOCAL_COMPILE", "1")
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    logits = torch.randn(5, 4, dtype=torch.float64)
+    labels = torch.tensor([0, 4, 2, -1, 3])
+    got = _gradient_penalty(sigmoid_focal_loss, logits, labels, 0.25, 2.0, "sum")
+    assert calls == ["focal_int_targets"]  # the forward only: the recomputation under autograd ran eager
+    monkeypatch.setenv("DETFOCAL_COMPILE", "0")
+    for a, b in zip(got, _gradient_penalty(sigmoid_focal_loss, logits, labels, 0.25, 2.0, "sum")):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- non-finite logits
+NON_FINITE = (math.inf, -math.inf, math.nan)
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_non_finite_logits_on_ignored_rows_give_zero_loss_and_exactly_zero_gradient(reduction, label_smoothing):
+    logits = torch.randn(5, 3, dtype=torch.float64) * 2
+    labels = torch.tensor([0, -1, 3, -1, 2])
+    logits[1] = torch.tensor(NON_FINITE, dtype=torch.float64)
+    logits[3, 1] = math.nan
+    kept = labels != -1
+    out, grad = _value_and_grad(sigmoid_focal_loss, logits, labels, reduction=reduction,
+                                label_smoothing=label_smoothing)
+    # The reference sees the kept rows only: torchvision on one-hot (smoothed) targets.
+    targets = F.one_hot(labels[kept], 4)[:, :3].double() * (1 - label_smoothing) + label_smoothing / 2
+    ref_out, ref_grad = _value_and_grad(tv_sigmoid_focal_loss, logits[kept], targets, reduction=reduction)
+    if reduction == "none":
+        assert torch.equal(out[~kept], torch.zeros(2, 3, dtype=torch.float64))
+        out = out[kept]
+        # _value_and_grad's upstream is laid over all five rows: rebuild it for the kept ones.
+        upstream = torch.linspace(0.5, 1.5, 15, dtype=torch.float64).reshape(5, 3)[kept]
+        x = logits[kept].clone().requires_grad_()
+        (ref_grad,) = torch.autograd.grad((tv_sigmoid_focal_loss(x, targets) * upstream).sum(), x)
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-14)
+    assert torch.equal(grad[~kept], torch.zeros(2, 3, dtype=torch.float64))
+    torch.testing.assert_close(grad[kept], ref_grad, rtol=1e-9, atol=1e-14)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 2.0])
+def test_softmax_non_finite_logits_on_ignored_rows_give_zero_loss_and_exactly_zero_gradient(gamma):
+    logits = torch.randn(5, 4, dtype=torch.float64)
+    target = torch.tensor([0, -100, 3, -100, 2])
+    logits[1] = torch.tensor([math.inf, -math.inf, math.nan, 0.0], dtype=torch.float64)
+    logits[3, 0] = math.inf
+    kept = target != -100
+    x = logits.clone().requires_grad_()
+    loss = softmax_focal_loss(x, target, gamma=gamma, label_smoothing=0.1)
+    loss.backward()
+    x64 = logits[kept].clone().requires_grad_()
+    log_p = torch.log_softmax(x64, -1)
+    log_pt = log_p.gather(-1, target[kept].unsqueeze(-1)).squeeze(-1)
+    ce = -(0.9 * log_pt + 0.1 / 4 * log_p.sum(-1))
+    reference = ((1 - log_pt.exp()) ** gamma * ce).mean()
+    reference.backward()
+    torch.testing.assert_close(loss, reference, rtol=1e-10, atol=1e-14)
+    assert torch.equal(x.grad[~kept], torch.zeros(2, 4, dtype=torch.float64))
+    torch.testing.assert_close(x.grad[kept], x64.grad, rtol=1e-9, atol=1e-14)
+
+
+def _limit_focal64(sign: float, t: torch.Tensor, alpha: float, gamma: float):
+    """Value and d/dz of torchvision's definition as z -> sign * inf, float64.
+
+    p -> 1 (or 0), so 1 - p_t -> 1 - t (or t) and d/dz -> alpha_t (1 - p_t)^gamma (p - t); the
+    gamma * p_t log p_t term vanishes. CE -> +inf unless the target puts no weight on the
+    saturated side (t = 1 at +inf, t = 0 at -inf), where CE -> 0.
+    """
+    t = t.double()
+    p = 1.0 if sign > 0 else 0.0
+    q = (1 - t) if sign > 0 else t
+    alpha_t = torch.ones_like(t) if alpha < 0 else alpha * t + (1 - alpha) * (1 - t)
+    weight = alpha_t * q ** gamma
+    value = torch.where(q > 0, weight * math.inf, torch.zeros_like(t))
+    value = torch.where(weight == 0, torch.zeros_like(t), value)
+    return value, weight * (p - t)
+
+
+@pytest.mark.parametrize("alpha", [-1, 0.25, 1.0])
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+def test_infinite_logits_give_the_limits_of_value_and_gradient_on_float_targets(alpha, gamma, dtype):
+    t = torch.tensor([0.0, 1.0, 0.3, 0.5, 0.0, 1.0, 0.3, 0.5])
+    logits = torch.tensor([math.inf] * 4 + [-math.inf] * 4, dtype=dtype, requires_grad=True)
+    loss = sigmoid_focal_loss(logits, t.to(dtype), alpha, gamma, "none")
+    loss.backward(torch.ones_like(loss))
+    expected_value = torch.cat([_limit_focal64(1, t[:4], alpha, gamma)[0], _limit_focal64(-1, t[4:], alpha, gamma)[0]])
+    expected_grad = torch.cat([_limit_focal64(1, t[:4], alpha, gamma)[1], _limit_focal64(-1, t[4:], alpha, gamma)[1]])
+    torch.testing.assert_close(loss.double(), expected_value, rtol=1e-6, atol=0)
+    torch.testing.assert_close(logits.grad.double(), expected_grad, rtol=1e-3 if dtype == torch.float16 else 1e-6,
+                               atol=0)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+def test_infinite_logits_give_the_limits_of_value_and_gradient_on_integer_labels(gamma, label_smoothing):
+    logits = torch.tensor([[math.inf, -math.inf, math.inf], [-math.inf, math.inf, -math.inf]],
+                          dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 0])
+    loss = sigmoid_focal_loss(logits, labels, 0.25, gamma, "none", label_smoothing=label_smoothing)
+    loss.backward(torch.ones_like(loss))
+    t = F.one_hot(labels, 3).double() * (1 - label_smoothing) + label_smoothing / 2
+    sign = torch.sign(logits.detach())
+    value_pos, grad_pos = _limit_focal64(1, t, 0.25, gamma)
+    value_neg, grad_neg = _limit_focal64(-1, t, 0.25, gamma)
+    torch.testing.assert_close(loss.detach(), torch.where(sign > 0, value_pos, value_neg), rtol=1e-12, atol=0)
+    torch.testing.assert_close(logits.grad, torch.where(sign > 0, grad_pos, grad_neg), rtol=1e-12, atol=0)
+    total = sigmoid_focal_loss(logits.detach()[:1, :1], labels[:1], 0.25, gamma, "sum")
+    assert total.item() == 0.0  # a positive at +inf: 0, not inf - inf
+
+
+def test_nan_logit_on_a_kept_row_stays_nan():
+    for targets in (torch.tensor([0, 2]), torch.tensor([[1.0, 0.0], [0.0, 0.0]])):
+        logits = torch.tensor([[math.nan, 0.5], [0.1, -0.2]], requires_grad=True)
+        loss = sigmoid_focal_loss(logits, targets, reduction="none")
+        loss.sum().backward()
+        assert loss[0, 0].isnan() and logits.grad[0, 0].isnan()  # a real NaN is reported, not zeroed
+        assert torch.isfinite(loss[1]).all() and torch.isfinite(logits.grad[1]).all()
+
+
+def test_alpha_that_would_enlarge_the_logits_shape_raises_value_error():
+    with pytest.raises(ValueError, match=r"^alpha .*logits' shape \(3, 4\).*alpha of shape \(2, 3, 4\)$"):
+        sigmoid_focal_loss(torch.randn(3, 4), torch.zeros(3, 4), alpha=torch.full((2, 3, 4), 0.25))
+    with pytest.raises(ValueError, match=r"^alpha .*alpha of shape \(3, 2\)$"):
+        sigmoid_focal_loss(torch.randn(3, 4), torch.tensor([0, 1, 4]), alpha=torch.full((3, 2), 0.25))
+    # Shapes that broadcast into the logits' shape stay accepted: per class, per row, [rows, 1], scalar.
+    for alpha in (torch.full((4,), 0.25), torch.full((3,), 0.25), torch.full((3, 1), 0.25), torch.tensor(0.25)):
+        assert sigmoid_focal_loss(torch.randn(3, 4), torch.zeros(3, 4), alpha=alpha).shape == (3, 4)
 
 
 # ---------------------------------------------------------------- compiled path (DETFOCAL_COMPILE)

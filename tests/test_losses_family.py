@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from detfocal.losses import (alpha_from_object_counts, binary_cross_entropy_with_probs, focal_cosine_loss,
-                             focal_loss_with_probs, nll_loss_with_probs, quality_focal_loss, sigmoid_focal_loss,
-                             sigmoid_focal_loss_star, softmax_focal_loss, varifocal_loss)
+from detfocal.losses import (alpha_from_object_counts, binary_cross_entropy_with_probs, double_backward,
+                             focal_cosine_loss, focal_loss_with_probs, nll_loss_with_probs, quality_focal_loss,
+                             sigmoid_focal_loss, sigmoid_focal_loss_star, softmax_focal_loss, varifocal_loss)
 
 ROOT = Path(__file__).resolve().parents[1]
 F64 = torch.float64
@@ -349,6 +349,38 @@ def test_vfl_matches_float64_formula(gamma: float, iou_weighted: bool) -> None:
                                expected.mean())
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.5, 2.0])
+def test_qfl_gives_the_limits_of_value_and_gradient_at_infinite_logits(beta: float) -> None:
+    # At z = +inf (p = 1) d = 1 - y, at -inf (p = 0) d = -y; p (1 - p) / |d| -> 0, so dQFL/dz -> |d|^beta d,
+    # and BCE -> inf unless y puts no weight on the saturated side.
+    z = torch.tensor([[math.inf, -math.inf, math.inf], [-math.inf, math.inf, -math.inf]], dtype=F64,
+                     requires_grad=True)
+    scores = torch.tensor([0.3, 1.0], dtype=F64)
+    loss = quality_focal_loss(z, torch.tensor([0, 1]), scores, beta=beta)
+    loss.backward(torch.ones_like(loss))
+    y = torch.tensor([[0.3, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=F64)
+    p = (z.detach() > 0).to(F64)
+    d = p - y
+    saturated_weight = torch.where(p == 1, 1 - y, y)  # the BCE weight on the side that goes to inf
+    value = torch.where(saturated_weight > 0, d.abs() ** beta * math.inf, 0.0)
+    torch.testing.assert_close(loss.detach(), torch.where(d == 0, 0.0, value), rtol=1e-12, atol=0)
+    torch.testing.assert_close(z.grad, d.abs() ** beta * d, rtol=1e-12, atol=0)
+
+
+def test_vfl_gives_the_limits_of_value_and_gradient_at_infinite_logits() -> None:
+    # Positives: q BCE -> inf unless q = 1 at +inf, d/dz -> q (p - q). Negatives: alpha p^gamma softplus(z)
+    # -> inf at +inf and 0 at -inf, d/dz -> alpha p^gamma (gamma (1 - p) softplus(z) + p) -> alpha p.
+    z = torch.tensor([[math.inf, -math.inf, math.inf], [-math.inf, math.inf, -math.inf]], dtype=F64,
+                     requires_grad=True)
+    q = torch.tensor([[0.3, 0.0, 1.0], [0.5, 0.0, 0.0]], dtype=F64)
+    loss = varifocal_loss(z, q, alpha=0.75, gamma=2.0)
+    loss.backward(torch.ones_like(loss))
+    p = (z.detach() > 0).to(F64)
+    expected = torch.tensor([[math.inf, 0.0, 0.0], [math.inf, math.inf, 0.0]], dtype=F64)
+    torch.testing.assert_close(loss.detach(), expected, rtol=0, atol=0)
+    torch.testing.assert_close(z.grad, torch.where(q > 0, q * (p - q), 0.75 * p), rtol=1e-12, atol=0)
+
+
 # --------------------------------------------------------------------------------------
 # Gradients: finite at saturation, exact in float64.
 # --------------------------------------------------------------------------------------
@@ -409,6 +441,46 @@ def test_gradcheck_float64(name: str) -> None:
     assert torch.autograd.gradcheck(gradcheck_cases()[name], (x,))
 
 
+@pytest.mark.parametrize("name", list(gradcheck_cases()))
+def test_gradgradcheck_float64(name: str) -> None:
+    # create_graph through the saved-gradient losses recomputes their analytic gradient under
+    # autograd; double_backward keeps intermediate logits (focal_cosine's flatten) alive for it.
+    x = (torch.randn(2, 3, 3, dtype=F64) * 2).requires_grad_()
+    with double_backward():
+        assert torch.autograd.gradgradcheck(gradcheck_cases()[name], (x,))
+
+
+def ignored_row_cases() -> dict[str, tuple]:
+    """name -> (loss of logits [4, 3] and labels [4] with -1 ignored, reduced by "sum")."""
+    scores = torch.tensor([0.3, 0.9, 0.0, 0.6], dtype=F64)
+    return {
+        "quality_focal_loss": lambda z, labels: quality_focal_loss(z, labels, scores[:len(labels)], reduction="sum"),
+        "sigmoid_focal_loss_star": lambda z, labels: sigmoid_focal_loss_star(z, labels, reduction="sum"),
+        "focal_cosine_loss": lambda z, labels: focal_cosine_loss(z, labels, ignore_index=-1, reduction="sum"),
+        "softmax_smoothed": lambda z, labels: softmax_focal_loss(z, labels, ignore_index=-1, label_smoothing=0.1,
+                                                                 reduction="sum"),
+    }
+
+
+@pytest.mark.parametrize("name", list(ignored_row_cases()))
+def test_non_finite_logits_on_ignored_rows_give_zero_loss_and_exactly_zero_gradient(name: str) -> None:
+    loss_fn = ignored_row_cases()[name]
+    logits = torch.randn(4, 3, dtype=F64) * 2
+    logits[1] = torch.tensor([math.inf, -math.inf, math.nan], dtype=F64)
+    labels = torch.tensor([0, -1, 2, 1])
+    x = logits.clone().requires_grad_()
+    loss = loss_fn(x, labels)
+    loss.backward()
+    kept = labels != -1
+    x_kept = logits[kept].clone().requires_grad_()  # the reference never sees the ignored row
+    expected = loss_fn(x_kept, labels[kept]) if name != "quality_focal_loss" else quality_focal_loss(
+        x_kept, labels[kept], torch.tensor([0.3, 0.0, 0.6], dtype=F64), reduction="sum")
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-14)
+    assert torch.equal(x.grad[1], torch.zeros(3, dtype=F64))
+    torch.testing.assert_close(x.grad[kept], x_kept.grad, rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("name", ["fl_star", "focal_loss_with_probs"])
 def test_gradients_flow_into_soft_targets_and_alpha(name: str) -> None:
     x = (torch.randn(2, 3, 3, dtype=F64) * 2).requires_grad_()
@@ -444,6 +516,11 @@ BAD_INPUTS = {
     "num_objs_empty": ("num_objs", lambda: alpha_from_object_counts([])),
     "num_objs_2d": ("num_objs", lambda: alpha_from_object_counts([[1, 2]])),
     "num_objs_nan": ("num_objs", lambda: alpha_from_object_counts([1.0, float("nan")])),
+    "num_objs_strings": (r"^num_objs holds \['a'\] \(list\), expected", lambda: alpha_from_object_counts(["a"])),
+    "probs_alpha_enlarging": (r"^alpha .*logits' shape \(2, 3\).*alpha of shape \(2, 2, 3\)$",
+                              lambda: focal_loss_with_probs(P, L, alpha=torch.full((2, 2, 3), 0.25))),
+    "fl_star_alpha_enlarging": (r"^alpha .*alpha of shape \(4, 1, 3\)$",
+                                lambda: sigmoid_focal_loss_star(X, L, alpha=torch.full((4, 1, 3), 0.25))),
     "cosine_weight": ("cosine_weight", lambda: focal_cosine_loss(X, L.clamp(max=2), cosine_weight=-1.0)),
     "cosine_target": ("target", lambda: focal_cosine_loss(X, L)),
     "cosine_gamma": ("gamma", lambda: focal_cosine_loss(X, L.clamp(max=2), gamma=-0.5)),

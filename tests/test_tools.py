@@ -242,7 +242,8 @@ def test_train_and_eval_on_the_coco_val2014_sample(tmp_path, capsys, one_thread)
 
     data = [f"data.{split}={{images: {tmp_path}, annotations: {tmp_path / 'instances.json'}}}" for split in ("train", "val")]
     small = ["model.backbone=resnet18", "model.weights_backbone=null", "model.min_size=128", "model.max_size=192",
-             "model.fpn_channels=32", "model.head.num_convs=1", "train.batch_size=4", "train.epochs=1",
+             "model.fpn_channels=32", "model.head.norm=none", "model.head.num_convs=1", "train.batch_size=4",
+             "train.epochs=1",
              "train.max_iters=2", "train.warmup_iters=1", "train.amp=off", "data.workers=0", "eval.batch_size=4",
              "eval.score_thresh=0.0"]  # after two steps every score is still near the 0.01 prior
     out = tmp_path / "run"
@@ -333,3 +334,189 @@ def test_import_detfocal_is_cheap_and_every_public_name_resolves():
 
     for name in detfocal.__all__:
         assert getattr(detfocal, name) is not None, name
+
+
+# ---------------------------------------------------------------------------------------------
+# eval, infer and the checkpoints they read: refused in one line, inputs and outputs intact
+
+
+def untrained_checkpoint(path: Path, tiny: list[str], **changes) -> Path:
+    """A checkpoint with the keys ``detfocal train`` writes, of the untrained tiny model (no training: fast).
+
+    ``changes`` replace stored fields, as a crafted or broken file would.
+    """
+    from detfocal.config import config_to_dict, model_kwargs
+    from detfocal.data.shapes import CATEGORIES
+    from detfocal.engine.checkpoint import save_checkpoint
+    from detfocal.utils.registry import DETECTORS
+
+    cfg = load_config(DEMO, tiny)
+    model = DETECTORS.get(cfg.model.type)(**model_kwargs(cfg, len(CATEGORIES)))
+    state = {"model": model.state_dict(), "config": config_to_dict(cfg), "num_classes": len(CATEGORIES),
+             "label_to_category_id": [category[0] for category in CATEGORIES],
+             "category_names": [category[1] for category in CATEGORIES], "iteration": 0, "epoch": 0}
+    return save_checkpoint(path, state | changes)
+
+
+def write_image(path: Path, size: tuple[int, int] = (48, 40), seed: int = 0) -> Path:
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, quality=95)
+    return path
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+def test_infer_never_writes_over_an_input_and_replaces_other_files_only_with_overwrite(tmp_path, tiny, capsys,
+                                                                                     one_thread):
+    checkpoint = str(untrained_checkpoint(tmp_path / "model.pth", tiny))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    holiday, cat = write_image(photos / "holiday.png"), write_image(photos / "cat.jpg", seed=1)
+    (photos / "cat.png").write_bytes(b"an unrelated picture of my cat")
+    (tmp_path / "link").symlink_to(photos)
+    before = {path.name: path.read_bytes() for path in photos.iterdir()}
+
+    # holiday.png's drawing would be holiday.png itself: refused, with --overwrite too, however --out is spelled.
+    for out, extra in ((photos, []), (photos, ["--overwrite"]), (tmp_path / "link", ["--overwrite"])):
+        assert cli_main(["infer", checkpoint, str(holiday), str(cat), "--out", str(out), *extra]) == 2
+        assert one_error_line(capsys) == (f"error: --out: the drawing of {holiday} would replace the input image "
+                                          f"{holiday}; choose another --out folder")
+        assert {path.name: path.read_bytes() for path in photos.iterdir()} == before
+
+    # cat.jpg's drawing would replace an unrelated cat.png: only with --overwrite.
+    assert cli_main(["infer", checkpoint, str(cat), "--out", str(photos)]) == 2
+    assert one_error_line(capsys).startswith(f"error: --out: {photos / 'cat.png'} exists (the drawing of {cat} would "
+                                             f"replace it); pass --overwrite")
+    assert {path.name: path.read_bytes() for path in photos.iterdir()} == before
+    assert cli_main(["infer", checkpoint, str(cat), "--out", str(photos), "--overwrite", "--min-draw-size", "0"]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"-> {photos / 'cat.png'}")
+    assert is_png(photos / "cat.png") and Image.open(photos / "cat.png").size == (48, 40)
+    assert holiday.read_bytes() == before["holiday.png"] and cat.read_bytes() == before["cat.jpg"]
+
+
+@pytest.mark.parametrize("renamed, message", [
+    ({"category_names": ["circle", "box", "triangle", "star", "ring"]},
+     "(classes are matched by id): another name for 1 id(s): 3 'box' (annotations: 'square')"),
+    ({"num_classes": 4, "label_to_category_id": [1, 3, 7, 12],
+      "category_names": ["circle", "square", "triangle", "star"]},
+     "1 categorie(s) of the annotations are not the model's and are left out: 20 'ring'"),
+])
+def test_eval_warns_listing_the_categories_that_differ_from_the_annotations(tmp_path, tiny, capsys, one_thread,
+                                                                            renamed, message):
+    from detfocal.data import shapes
+
+    shapes.generate(tmp_path / "shapes", num_train=8, num_val=4, image_size=64, min_object_size=6, max_objects=3)
+    if "num_classes" in renamed:  # a model of 4 classes: weights of their own shapes
+        from detfocal.config import model_kwargs
+        from detfocal.utils.registry import DETECTORS
+
+        cfg = load_config(DEMO, tiny)
+        renamed = renamed | {"model": DETECTORS.get(cfg.model.type)(**model_kwargs(cfg, 4)).state_dict()}
+    checkpoint = untrained_checkpoint(tmp_path / "model.pth", tiny, **renamed)
+    assert cli_main(["eval", str(checkpoint), "--out-dir", str(tmp_path / "eval")]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "categories" in line]
+    assert len(warnings) == 1 and warnings[0].startswith(f"the categories of checkpoint {checkpoint} differ from "
+                                                         f"those of {tmp_path / 'shapes'}")
+    assert message in warnings[0]
+    assert (tmp_path / "eval" / "metrics.json").is_file()
+
+
+def test_eval_refuses_annotations_that_share_no_category_name_with_the_checkpoint(tmp_path, tiny, capsys, one_thread):
+    from detfocal.data import shapes
+
+    shapes.generate(tmp_path / "shapes", num_train=8, num_val=4, image_size=64, min_object_size=6, max_objects=3)
+    checkpoint = untrained_checkpoint(tmp_path / "model.pth", tiny, category_names=["cat", "dog", "cow", "owl", "bee"])
+    assert cli_main(["eval", str(checkpoint), "--out-dir", str(tmp_path / "eval")]) == 2
+    err = one_error_line(capsys)
+    assert err.startswith(f"error: checkpoint {checkpoint} does not fit the annotations "
+                          f"{tmp_path / 'shapes' / 'annotations' / 'instances_val.json'}: no category has the same id "
+                          f"and name in both (classes are matched by id); checkpoint: 1 'cat', 3 'dog'")
+    assert "annotations: 1 'circle', 3 'square'" in err
+    assert not (tmp_path / "eval" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("tool", ["eval", "infer", "infer-image"])
+def test_a_folder_given_as_checkpoint_or_image_is_called_a_folder(tmp_path, capsys, tool):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    image = write_image(tmp_path / "a.png")
+    argv = {"eval": ["eval", str(folder)], "infer": ["infer", str(folder), str(image), "--out", str(tmp_path / "out")],
+            "infer-image": ["infer", str(tmp_path / "none.pth"), str(folder), "--out", str(tmp_path / "out")]}[tool]
+    assert cli_main(argv) == 2
+    expected = (f"error: image {folder} is a folder, expected a PNG or JPEG file" if tool == "infer-image" else
+                f"error: checkpoint {folder} is a folder, expected a .pth file")
+    assert one_error_line(capsys) == expected
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"model": "weights"}, "'model' holds a str, expected a state dict (parameter name -> tensor)"),
+    ({"model": {"head.weight": [1.0]}}, "'model' is not a state dict: 1 entries are not name -> tensor"),
+    ({"ema": "weights"}, "'ema' holds a str, expected a state dict"),
+    ({"config": "model: {}"}, "'config' holds a str, expected a dict"),
+    ({"num_classes": 10 ** 7}, "num_classes: expected an int in [1, 100000], got 10000000"),
+    ({"num_classes": "5"}, "num_classes: expected an int in [1, 100000], got '5'"),
+    ({"num_classes": 6}, "label_to_category_id: expected 6 distinct int ids (num_classes), got [1, 3, 7, 12, 20]"),
+    ({"label_to_category_id": [1, 1, 7, 12, 20]}, "label_to_category_id: expected 5 distinct int ids"),
+    ({"category_names": ["circle"]}, "category_names: expected 5 names (num_classes), got ['circle']"),
+    ({"iteration": "ten"}, "iteration: expected an int, got 'ten'"),
+])
+def test_a_crafted_checkpoint_is_one_line_naming_the_field(tmp_path, tiny, capsys, changes, message):
+    checkpoint = untrained_checkpoint(tmp_path / "crafted.pth", tiny, **changes)
+    image = write_image(tmp_path / "a.png")
+    assert cli_main(["infer", str(checkpoint), str(image), "--out", str(tmp_path / "out")]) == 2
+    assert one_error_line(capsys).startswith(f"error: checkpoint {checkpoint}: {message}")
+    assert not (tmp_path / "out" / "a.png").exists()
+
+
+def test_a_checkpoint_describing_a_huge_model_is_refused_before_it_is_allocated(tmp_path, tiny):
+    # Small weights, but fields within their bounds that describe a huge model: 100,000 classes on
+    # a 4096-channel FPN take over 100 GB. In a process limited to 8 GB of address space, building
+    # it first would fail with an allocation traceback; checked first, it is a one-line refusal.
+    num_classes = 100_000
+    checkpoint = untrained_checkpoint(tmp_path / "huge.pth", tiny, num_classes=num_classes,
+                                      label_to_category_id=list(range(1, num_classes + 1)),
+                                      category_names=[f"class{i}" for i in range(num_classes)])
+    state = torch.load(checkpoint, weights_only=True)
+    state["config"]["model"]["fpn_channels"] = 4096
+    torch.save(state, checkpoint)
+    image = write_image(tmp_path / "a.png")
+    limited = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30)); "
+               "from detfocal.cli import main; sys.exit(main(sys.argv[1:]))")
+    result = run_tool("-c", limited, "infer", str(checkpoint), str(image), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith(f"error: checkpoint {checkpoint} does not fit the model; shape differs")
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("text", "cannot be read with weights_only=True"),
+    ("truncated", "cannot be read with weights_only=True"),
+    ("list", "holds a list that is not a state dict (parameter name -> tensor) of resnet18"),
+    ("grey", "is not a resnet18 state dict: 1 tensors have another shape (file vs resnet18), e.g. conv1.weight "
+             "(64, 1, 7, 7) vs (64, 3, 7, 7)"),
+    ("folder", "is a folder, expected a .pth state dict file"),
+])
+def test_a_bad_weights_backbone_file_is_one_line(tmp_path, tiny, capsys, kind, message):
+    path = tmp_path / "backbone.pth"
+    if kind == "text":
+        path.write_text("these are not weights")
+    elif kind == "truncated":
+        torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, path)
+        path.write_bytes(path.read_bytes()[:2000])
+    elif kind == "list":
+        torch.save([torch.zeros(3)], path)
+    elif kind == "grey":  # a one-channel ResNet-18: same keys, another first conv
+        state = torchvision.models.resnet18().state_dict()
+        state["conv1.weight"] = torch.zeros(64, 1, 7, 7)
+        torch.save(state, path)
+    else:
+        path.mkdir()
+    code = cli_main(["train", str(DEMO), "--output-dir", str(tmp_path / "run"), "--set", *tiny,
+                     f"model.weights_backbone={path}"])
+    err = one_error_line(capsys)
+    assert code == 2 and message in err, err
+    assert f"weights_backbone={str(path)!r}" in err or f"weights_backbone: {str(path)!r}" in err

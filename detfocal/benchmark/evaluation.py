@@ -39,7 +39,7 @@ def inference_case(spec: dict[str, Any]) -> dict[str, Any]:
 
     from detfocal.config import load_config, model_kwargs
     from detfocal.data import CocoDetection, build_transforms, collate_fn, shapes
-    from detfocal.engine.inference import load_model
+    from detfocal.engine.loading import load_model
     from detfocal.evaluation.coco import CocoEvaluator
     from detfocal.utils.registry import DETECTORS
 

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
-import sys
-import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -18,8 +17,10 @@ from torchvision import tv_tensors
 from torchvision.datasets.vision import VisionDataset
 from torchvision.transforms.v2 import functional as F
 
-from detfocal.data.images import UndecodableImageError, decode_image_file
+from detfocal.data.images import ImageLoadError, ImageNotFoundError, UndecodableImageError, decode_image_file
 from detfocal.data.subset import AnnotationSource, describe_source, load_coco_annotations, make_subset
+
+logger = logging.getLogger(__name__)
 
 
 class CocoDetection(torchvision.datasets.CocoDetection):
@@ -37,7 +38,7 @@ class CocoDetection(torchvision.datasets.CocoDetection):
         - target["orig_size"]: int64 [2], (H, W) of the file before transforms.
 
     Boxes are clamped to the image; those with width or height <= 0 afterwards are dropped,
-    with one warning that counts them.
+    with one logged warning that counts them.
 
     Args:
         images_dir: folder that the images' ``file_name`` entries are relative to.
@@ -49,12 +50,13 @@ class CocoDetection(torchvision.datasets.CocoDetection):
         categories: category names or ids to keep (see ``make_subset``); None keeps all.
         max_images: keep at most this many images, sampled by ``seed``; None keeps all.
         keep_empty: keep images without non-crowd boxes (negatives). When False they are
-            skipped, with one warning that counts them, and removed from ``coco`` too.
+            skipped, with one logged warning that counts them, and removed from ``coco`` too.
         seed: seed of the ``max_images`` sampling.
         skip_bad_images: when an image file is missing or cannot be decoded (empty, not an
             image, truncated, above PIL's pixel limit, or not the size the annotations say),
             return the next good image in dataset order instead of raising, so batches keep
-            their size; the file is recorded in ``bad_images`` and reported once on stderr.
+            their size; the file is recorded in ``bad_images`` and logged once as a warning,
+            with the count so far.
             An image may then appear twice in an epoch. With DataLoader workers each worker
             holds its own copy of the dataset, so ``bad_images`` of the main process only
             counts what was loaded there (with ``num_workers=0``, everything).
@@ -71,11 +73,15 @@ class CocoDetection(torchvision.datasets.CocoDetection):
 
     Raises:
         FileNotFoundError: the annotation file or ``images_dir`` does not exist; at item time, an
-            image file is missing (the message names the file and the annotation file).
-        ValueError: the annotations are malformed or reference an unknown image or category; at
-            item time, an image cannot be decoded, on one line:
+            image file is missing (``ImageNotFoundError``; the message names the file and the
+            annotation file).
+        ValueError: ``annotation_file`` is neither a path nor a dict, the annotations are
+            malformed or reference an unknown image or category, or no image or no category is
+            left (after the filters); at item time, an image cannot be decoded
+            (``ImageLoadError``), on one line:
             ``image <file_name> (id N) in <images_dir> cannot be decoded: <reason>``; with
-            ``skip_bad_images``, only when no image of the dataset can be loaded.
+            ``skip_bad_images``, only when no image of the dataset can be loaded. The item-time
+            errors keep their one-line message when a DataLoader worker raised them.
 
     Example:
         >>> dataset = CocoDetection("shapes/val", "shapes/annotations/instances_val.json")
@@ -115,8 +121,8 @@ class CocoDetection(torchvision.datasets.CocoDetection):
             nonempty = [image_id for image_id, (_, _, iscrowd) in self._targets.items() if (iscrowd == 0).any()]
             skipped = len(self._targets) - len(nonempty)
             if skipped:
-                warnings.warn(f"CocoDetection: skipped {skipped} images without non-crowd boxes in "
-                              f"{self.source} (keep_empty=False)", stacklevel=2)
+                logger.warning("CocoDetection: skipped %d images without non-crowd boxes in %s (keep_empty=False)",
+                               skipped, self.source)
                 dataset = make_subset(dataset, image_ids=nonempty)
                 self._targets = {image_id: self._targets[image_id] for image_id in nonempty}
 
@@ -125,6 +131,14 @@ class CocoDetection(torchvision.datasets.CocoDetection):
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints "creating index..."
             self.coco.createIndex()
         self.ids = sorted(self.coco.imgs)
+        if not self.ids or not self.label_to_category_id:
+            # An empty split would only fail later, mid-training, far from its cause.
+            what = "no images" if not self.ids else "no categories"
+            filters = [f"{name}={value!r}" for name, value in (("categories", categories), ("max_images", max_images),
+                                                               ("keep_empty", keep_empty))
+                       if value is not None and not (name == "keep_empty" and value)]
+            after = f" (after {', '.join(filters)})" if filters else ""
+            raise ValueError(f"annotation_file: {self.source} lists {what}{after}; expected at least one")
         self.skip_bad_images = skip_bad_images
         self._bad_images: dict[int, str] = {}  # image id -> file name, of the files skipped
 
@@ -165,28 +179,28 @@ class CocoDetection(torchvision.datasets.CocoDetection):
             iscrowd = np.array([int(ann.get("iscrowd", 0)) for ann in anns], dtype=np.int64)
             targets[image["id"]] = (boxes[keep].astype(np.float32), labels[keep], iscrowd[keep])
         if num_dropped:
-            warnings.warn(f"CocoDetection: dropped {num_dropped} degenerate boxes (width or height <= 0 "
-                          f"after clamping to the image) from {self.source}", stacklevel=3)
+            logger.warning("CocoDetection: dropped %d degenerate boxes (width or height <= 0 after clamping to "
+                           "the image) from %s", num_dropped, self.source)
         return targets
 
     def _load_image(self, image_id: int) -> torch.Tensor:
-        """The image as uint8 [3, H, W]; raises FileNotFoundError or a one-line ValueError."""
+        """The image as uint8 [3, H, W]; raises ImageNotFoundError or ImageLoadError, on one line."""
         info = self.coco.imgs[image_id]
         path = os.path.join(self.root, info["file_name"])
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"image file {path} (image id {image_id}) listed in {self.source} does not exist")
+            raise ImageNotFoundError(f"image file {path} (image id {image_id}) listed in {self.source} does not exist")
         try:
             image = decode_image_file(path)
         except UndecodableImageError as exc:
-            raise ValueError(f"image {info['file_name']} (id {image_id}) in {self.root} cannot be decoded: "
-                             f"{exc.reason}") from None
+            raise ImageLoadError(f"image {info['file_name']} (id {image_id}) in {self.root} cannot be decoded: "
+                                 f"{exc.reason}") from None
         if image.dtype != torch.uint8:
             # 16-bit files: the transforms expect uint8, as from every other file.
             image = F.to_dtype(image, torch.uint8, scale=True)
         height, width = image.shape[-2:]
         if "width" in info and "height" in info and (width, height) != (info["width"], info["height"]):
-            raise ValueError(f"image file {path} is {width}x{height} but {self.source} "
-                             f"says {info['width']}x{info['height']}; its boxes would not match")
+            raise ImageLoadError(f"image file {path} is {width}x{height} but {self.source} "
+                                 f"says {info['width']}x{info['height']}; its boxes would not match")
         return image
 
     def _load_good_image(self, index: int) -> tuple[int, torch.Tensor]:
@@ -203,7 +217,7 @@ class CocoDetection(torchvision.datasets.CocoDetection):
                 return image_id, self._load_image(image_id)
             except (FileNotFoundError, ValueError) as exc:
                 self._bad_images[image_id] = self.coco.imgs[image_id]["file_name"]
-                print(f"warning: skipping a bad image (skip_bad_images=True): {exc}", file=sys.stderr, flush=True)
+                logger.warning("skipping a bad image (%d so far, skip_bad_images=True): %s", len(self._bad_images), exc)
         raise ValueError(f"images_dir: none of the {len(self.ids)} images listed in {self.source} can be loaded "
                          f"from {self.root} (skip_bad_images=True skipped them all)")
 

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
-__all__ = ["UndecodableImageError", "decode_image_file", "load_image", "to_uint8"]
+__all__ = ["ImageNotFoundError", "ImageLoadError", "UndecodableImageError", "decode_image_file", "load_image",
+           "to_uint8"]
 
 # PIL modes whose pixels are 16-bit (or wider) integers; "I" is what older Pillow gives 16-bit PNGs.
 _WIDE_INTEGER_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -23,6 +24,39 @@ class UndecodableImageError(ValueError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class _OneLineFromWorkers:
+    """Keeps an exception's one-line message when a DataLoader worker raised it.
+
+    The DataLoader re-raises a worker's exception as ``type(exc)(text)``, where ``text`` is
+    "Caught ... in DataLoader worker process N" followed by the worker's whole traceback; the
+    user would see that instead of the reason. The traceback's last line is
+    ``module.Name: <the original message>``, so that message is what is kept.
+    """
+
+    def __init__(self, message: str) -> None:
+        if message.startswith("Caught ") and "\nOriginal Traceback" in message:
+            marker = f"{type(self).__name__}: "
+            for line in reversed(message.splitlines()):
+                if marker in line:
+                    message = line.split(marker, 1)[1]
+                    break
+        super().__init__(message)
+
+
+class ImageLoadError(_OneLineFromWorkers, ValueError):
+    """A dataset image cannot be decoded or is not the size its annotations say.
+
+    A ``ValueError`` whose message is one line, also when a DataLoader worker raised it.
+    """
+
+
+class ImageNotFoundError(_OneLineFromWorkers, FileNotFoundError):
+    """A dataset image file is missing.
+
+    A ``FileNotFoundError`` whose message is one line, also when a DataLoader worker raised it.
+    """
 
 
 def _claimed_size(path: str | os.PathLike) -> tuple[int, int] | None:

@@ -40,6 +40,13 @@ _SPLITS = ("train", "val")
 MARKER_FILE = "detfocal_shapes.json"
 # Fixed writer settings: PIL writes no timestamp chunk, so equal pixels give equal bytes.
 _PNG_OPTIONS = {"format": "PNG", "compress_level": 1, "optimize": False}
+# Upper bounds of `generate`'s parameters (the config's data.shapes has the same ones): far above
+# any use of a toy dataset, and low enough that a typo cannot start hours of work or allocate
+# gigabytes per image before failing.
+MAX_IMAGES = 100_000
+MAX_IMAGE_SIZE = 4096
+MAX_OBJECTS = 100
+SEED_LIMIT = 2 ** 32
 
 
 def _background(rng: np.random.Generator, size: int) -> Image.Image:
@@ -243,29 +250,34 @@ def generate(
 
     Args:
         out_dir: output folder.
-        num_train: number of training images.
-        num_val: number of validation images.
-        image_size: width and height of the square images, in pixels.
-        seed: the same seed and parameters give byte-identical files.
-        max_objects: most objects per image.
-        min_object_size: smallest object diameter in pixels.
+        num_train: number of training images, 0 to :data:`MAX_IMAGES` (100,000).
+        num_val: number of validation images, 0 to :data:`MAX_IMAGES`.
+        image_size: width and height of the square images, in pixels, 32 to :data:`MAX_IMAGE_SIZE` (4096).
+        seed: in [0, 2**32); the same seed and parameters give byte-identical files.
+        max_objects: most objects per image, 1 to :data:`MAX_OBJECTS` (100).
+        min_object_size: smallest object diameter in pixels, 4 to ``image_size / 2``.
         progress: show a tqdm progress bar.
 
     Returns:
         Paths: ``train_images``, ``train_annotations``, ``val_images``, ``val_annotations``.
 
     Raises:
-        ValueError: a count or size is out of range, or ``out_dir`` is a file or a non-empty
-            folder that ``generate`` did not make (it marks its folders with ``MARKER_FILE``).
+        ValueError: a count, size or the seed is not an int in its range (checked before any
+            file is written; the message names the parameter, the value and the range), or
+            ``out_dir`` is a file or a non-empty folder that ``generate`` did not make (it marks
+            its folders with ``MARKER_FILE``).
 
     Example:
         >>> paths = generate("data/shapes", num_train=100, num_val=20)
         >>> dataset = CocoDetection(paths["val_images"], paths["val_annotations"])
     """
-    for name, value, low in (("num_train", num_train, 0), ("num_val", num_val, 0), ("image_size", image_size, 32),
-                             ("max_objects", max_objects, 1), ("min_object_size", min_object_size, 4)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+    for name, value, low, high in (("num_train", num_train, 0, MAX_IMAGES), ("num_val", num_val, 0, MAX_IMAGES),
+                                   ("image_size", image_size, 32, MAX_IMAGE_SIZE),
+                                   ("max_objects", max_objects, 1, MAX_OBJECTS),
+                                   ("min_object_size", min_object_size, 4, MAX_IMAGE_SIZE // 2),
+                                   ("seed", seed, 0, SEED_LIMIT - 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"{name}: expected an int in [{low}, {high}], got {value!r:.40}")
     if 2 * min_object_size > image_size:
         raise ValueError(f"min_object_size: expected at most image_size / 2 = {image_size // 2}, got {min_object_size}")
 
@@ -283,3 +295,27 @@ def generate(
         paths[f"{split}_images"] = out_dir / split
         paths[f"{split}_annotations"] = json_path
     return paths
+
+
+def ensure_dataset(root: str | Path, **params: Any) -> dict[str, Path]:
+    """Make sure the shapes dataset of ``params`` is at ``root``: generate what is missing or different.
+
+    The data stage's half of a config's ``data.shapes`` section (the config only computes the
+    paths): call it as ``ensure_dataset(**shapes_kwargs(cfg))`` on one process, before any
+    process reads the data. A split already there with the same parameters is kept as is.
+
+    Args:
+        root: the dataset's folder (``data.shapes.root``).
+        **params: the other ``generate`` parameters; missing ones take its defaults.
+
+    Returns:
+        Paths: ``train_images``, ``train_annotations``, ``val_images``, ``val_annotations``.
+
+    Raises:
+        ValueError: a parameter is out of range, or ``root`` is a file or a folder that
+            ``generate`` did not make.
+
+    Example:
+        >>> paths = ensure_dataset("data/shapes", num_train=100, num_val=20)
+    """
+    return generate(root, **params)

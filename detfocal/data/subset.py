@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -20,10 +21,27 @@ _REQUIRED_KEYS = {
 }
 
 
-# Exact type tests (json gives plain int and float): they keep bool out and are fast enough
-# for COCO train's 860k annotations.
+# faster-coco-eval holds image and category ids as doubles, and so do the evaluator's result
+# arrays: above 2**53 neighbouring ids become one double and their boxes mix.
+MAX_ID = 2 ** 53
+# Box coordinates beyond this make box areas overflow float32 (the targets' dtype) on the way
+# to the loss; no image is anywhere near this many pixels wide.
+MAX_COORDINATE = 1e18
+
+
+# Exact type tests (json gives plain int and float): they keep bool out.
 def _is_int(value: Any) -> bool:
     return type(value) is int
+
+
+def _is_id(value: Any) -> bool:
+    return type(value) is int and -MAX_ID < value < MAX_ID
+
+
+def _is_annotation_id(value: Any) -> bool:
+    # COCOeval records a detection's match as the annotation's id and "no match" as 0, so id 0
+    # never counts as matched; faster-coco-eval mis-scores negative ids too.
+    return type(value) is int and 0 < value < MAX_ID
 
 
 def _is_number(value: Any) -> bool:
@@ -34,27 +52,36 @@ def _is_box(value: Any) -> bool:
     return (type(value) is list or type(value) is tuple) and len(value) == 4 and all(map(_is_number, value))
 
 
+def _box_fits(box: Sequence[float]) -> bool:
+    x, y, w, h = box
+    return max(abs(x), abs(y), abs(x + w), abs(y + h)) <= MAX_COORDINATE
+
+
 # (field, check, what was expected) of each entry, checked when the field is present. Wrong types
 # would otherwise surface mid-epoch as a TypeError deep inside pycocotools or numpy.
 _FIELD_TYPES: dict[str, tuple[tuple[str, Callable[[Any], bool], str], ...]] = {
-    "images": (("id", _is_int, "an int"),
+    "images": (("id", _is_id, f"an int of magnitude below 2**53 = {MAX_ID}"),
                ("file_name", lambda v: isinstance(v, str) and v != "", "a non-empty string"),
                ("width", lambda v: _is_number(v) and v > 0, "a positive number"),
                ("height", lambda v: _is_number(v) and v > 0, "a positive number")),
-    "annotations": (("id", _is_int, "an int"),
+    "annotations": (("id", _is_annotation_id, f"an int in [1, 2**53 = {MAX_ID})"),
                     ("image_id", _is_int, "an int"),
                     ("category_id", _is_int, "an int"),
                     ("bbox", _is_box, "[x, y, w, h], four finite numbers"),
                     ("iscrowd", lambda v: isinstance(v, int) and v in (0, 1), "0 or 1"),
                     ("area", _is_number, "a finite number")),
-    "categories": (("id", _is_int, "an int"),
+    "categories": (("id", _is_id, f"an int of magnitude below 2**53 = {MAX_ID}"),
                    ("name", lambda v: isinstance(v, str), "a string")),
 }
 
 
 def describe_source(annotation_file: AnnotationSource) -> str:
-    """Name an annotation source for error messages: its path, or ``<annotation dict>``."""
-    return "<annotation dict>" if isinstance(annotation_file, Mapping) else str(annotation_file)
+    """Name an annotation source for error messages: its path, ``<annotation dict>``, or ``<TYPE>``."""
+    if isinstance(annotation_file, Mapping):
+        return "<annotation dict>"
+    if isinstance(annotation_file, (str, os.PathLike)):
+        return str(annotation_file)
+    return f"<{type(annotation_file).__name__}>"
 
 
 def load_coco_annotations(annotation_file: AnnotationSource) -> dict[str, Any]:
@@ -69,12 +96,17 @@ def load_coco_annotations(annotation_file: AnnotationSource) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: the path does not exist.
-        ValueError: the json is not valid, a top-level list or a required key of an entry is
-            missing, ids are duplicated, or an annotation references an unknown image or category.
+        ValueError: ``annotation_file`` is neither a path nor a dict, the json is not valid, a
+            top-level list or a required key of an entry is missing, a value is out of range
+            (see ``validate_coco_annotations``), ids are duplicated, or an annotation references
+            an unknown image or category.
     """
     source = describe_source(annotation_file)
     if isinstance(annotation_file, Mapping):
         dataset = annotation_file
+    elif not isinstance(annotation_file, (str, os.PathLike)):
+        raise ValueError(f"annotation_file: expected a path to a COCO json or a COCO dict, "
+                         f"got a {type(annotation_file).__name__}")
     else:
         path = Path(annotation_file)
         if not path.is_file():
@@ -96,7 +128,10 @@ def validate_coco_annotations(dataset: Mapping[str, Any], source: str = "<annota
     Checks the three lists, the keys each entry needs, the types of the fields that are
     present (ids are ints, ``bbox`` is four finite numbers, ``iscrowd`` is 0 or 1,
     ``width``/``height`` are positive numbers, ``file_name`` is a non-empty string), unique ids,
-    and that annotations reference known images and categories.
+    and that annotations reference known images and categories. Image and category ids must
+    have a magnitude below 2**53 (:data:`MAX_ID`) and annotation ids lie in [1, 2**53):
+    faster-coco-eval holds ids as doubles and COCOeval takes annotation id 0 for "unmatched".
+    Box corners must lie within :data:`MAX_COORDINATE` pixels, so float32 targets stay finite.
 
     Args:
         dataset: the COCO dict.
@@ -126,6 +161,15 @@ def validate_coco_annotations(dataset: Mapping[str, Any], source: str = "<annota
         duplicates = [i for i, n in Counter(entry["id"] for entry in dataset[key]).items() if n > 1]
         if duplicates:
             raise ValueError(f"annotation_file: {source}: {len(duplicates)} duplicated ids in {key!r}, e.g. {duplicates[:5]}")
+
+    # Four finite numbers can still overflow the float32 targets, e.g. [0, 0, 1e300, 1e300].
+    annotations = dataset["annotations"]
+    if not all(map(_box_fits, (ann["bbox"] for ann in annotations))):
+        index = next(i for i, ann in enumerate(annotations) if not _box_fits(ann["bbox"]))
+        ann = annotations[index]
+        raise ValueError(f"annotation_file: {source}: annotation id {ann['id']} (annotations[{index}]) has bbox "
+                         f"{ann['bbox']!r:.100}, with a corner beyond {MAX_COORDINATE:g} pixels, where float32 "
+                         f"box areas overflow; expected [x, y, w, h] in pixels")
 
     image_ids = {image["id"] for image in dataset["images"]}
     category_ids = {category["id"] for category in dataset["categories"]}
@@ -248,12 +292,14 @@ def summarize_subset(dataset: Mapping[str, Any]) -> str:
 
 
 def check_output_path(out: str | os.PathLike, sources: Iterable[AnnotationSource], argument: str = "--out") -> None:
-    """Refuse an output path that is one of the input annotation files, so a subset never
-    replaces its own source.
+    """Check, before any work, that a subset can be written to ``out`` without replacing its source.
 
-    Paths are compared after resolving symlinks and ``..``; when both files exist,
-    ``os.path.samefile`` also catches hard links and other aliases. Loaded dicts among
-    ``sources`` are ignored.
+    Refuses an ``out`` that is one of the input annotation files (compared after resolving
+    symlinks and ``..``; when both files exist, ``os.path.samefile`` also catches hard links and
+    other aliases), an ``out`` that is a folder, and a folder that cannot be written: a file is
+    created and removed in ``out``'s folder (or, when that folder does not exist yet, in its
+    nearest existing parent, where the writer will create it). Loaded dicts among ``sources``
+    are ignored.
 
     Args:
         out: the path the subset will be written to.
@@ -261,8 +307,10 @@ def check_output_path(out: str | os.PathLike, sources: Iterable[AnnotationSource
         argument: how the message names ``out`` (the command-line option).
 
     Raises:
-        ValueError: ``out`` is one of ``sources``, e.g.
-            ``--out in.json is the input annotation file; write the subset elsewhere``.
+        ValueError: one line naming ``out``, e.g.
+            ``--out in.json is the input annotation file; write the subset elsewhere``,
+            ``--out data is a folder, expected a json file path`` or
+            ``--out /ro/sub.json cannot be written in /ro: Read-only file system``.
 
     Example:
         >>> check_output_path(args.out, [args.annotations])
@@ -278,3 +326,14 @@ def check_output_path(out: str | os.PathLike, sources: Iterable[AnnotationSource
         if same:
             alias = "" if str(out_path) == str(source_path) else f" ({source_path})"
             raise ValueError(f"{argument} {out} is the input annotation file{alias}; write the subset elsewhere")
+    if out_path.is_dir():
+        raise ValueError(f"{argument} {out} is a folder, expected a json file path")
+    folder = out_path.absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{argument} {out} cannot be written: {folder} is a file, not a folder")
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as exc:
+        raise ValueError(f"{argument} {out} cannot be written in {folder}: {exc.strerror or exc}") from None

@@ -7,6 +7,7 @@ is the counter-example).
 """
 from __future__ import annotations
 
+import errno
 import random
 from pathlib import Path
 from typing import Any, Mapping
@@ -33,7 +34,16 @@ def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> Path:
     Example:
         >>> save_checkpoint("runs/x/last.pth", {"model": model.state_dict(), "epoch": 1})
     """
-    return atomic_write(path, lambda handle: torch.save(dict(state), handle))
+    def write(handle: Any) -> None:
+        try:
+            torch.save(dict(state), handle)
+        except RuntimeError as exc:
+            if "write" not in str(exc).lower():
+                raise
+            # torch's stream writer reports a failed write (disk full, ulimit -f) as a RuntimeError.
+            raise OSError(errno.EIO, " ".join(str(exc).split())[:200]) from None
+
+    return atomic_write(path, write)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -45,6 +55,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             objects that ``weights_only`` refuses).
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"checkpoint {path} is a folder, expected a .pth file")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:

@@ -33,12 +33,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MAX_OPSET", "MIN_OPSET", "export_onnx", "run_onnx"]
+__all__ = ["MAX_IMAGE_SIZE", "MAX_OPSET", "MIN_OPSET", "export_onnx", "run_onnx"]
 
 # torchvision's NMS symbolic needs NonMaxSuppression and its RetinaNet export is tested from 11;
 # 20 is the last opset of PyTorch's TorchScript-based exporter.
 MIN_OPSET = 11
 MAX_OPSET = 20
+# px: a fixed input side above this only makes an example image and a graph too large to be useful.
+MAX_IMAGE_SIZE = 4096
 OUTPUT_NAMES = ("boxes", "scores", "labels")
 
 
@@ -62,6 +64,26 @@ def _require(module: str, needed_by: str) -> Any:
         raise ImportError(f"{needed_by} needs the {module} package: pip install {module}") from None
 
 
+def _check_output(out: Path, overwrite: bool) -> Path:
+    """Refuse, before any work, an ``out`` that is a folder, exists (without ``overwrite``) or cannot be written."""
+    import tempfile
+
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder, expected an .onnx file")
+    if out.exists() and not overwrite:
+        raise ValueError(f"--out {out} exists; pass overwrite=True (--overwrite) to replace it")
+    # The file is written next to itself and renamed (atomic_write), its missing folders created:
+    # the nearest existing folder must take a new entry. Nothing is created here.
+    folder = next(parent for parent in out.absolute().parents if parent.exists())
+    if not folder.is_dir():
+        raise ValueError(f"--out {out} cannot be written: {folder} is a file, not a folder")
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as exc:
+        raise ValueError(f"--out {out} cannot be written: its folder {folder}: {exc.strerror or exc}") from None
+    return out
+
+
 def export_onnx(checkpoint: str | Path | Mapping[str, Any], out: str | Path, *, image_size: int | None = None,
                 opset: int = 17, score_thresh: float | None = None, overwrite: bool = False) -> Path:
     """Export a training checkpoint's detector, post-processing and NMS included, to an ONNX file.
@@ -73,9 +95,12 @@ def export_onnx(checkpoint: str | Path | Mapping[str, Any], out: str | Path, *, 
 
     Args:
         checkpoint: a checkpoint written by ``detfocal train``, or its loaded dict.
-        out: the ``.onnx`` file to write (atomically; its folder is created).
-        image_size: None for an input of any height and width; an int N fixes the input to
-            ``[3, N, N]``, which some runtimes optimise better. Either way the graph resizes
+        out: the ``.onnx`` file to write (atomically; its folder is created). It is checked
+            before any work: not a folder, not an existing file without ``overwrite``, and its
+            folder writable.
+        image_size: None for an input of any height and width; an int N in [1, MAX_IMAGE_SIZE]
+            = [1, 4096] fixes the input to ``[3, N, N]``, which some runtimes optimise better.
+            Either way the graph resizes
             the image to the model's ``min_size``/``max_size`` first, as PyTorch does.
         opset: ONNX opset, in [MIN_OPSET, MAX_OPSET] = [11, 20].
         score_thresh: lowest score kept, in [0, 1]; default the checkpoint's ``eval.score_thresh``.
@@ -86,29 +111,28 @@ def export_onnx(checkpoint: str | Path | Mapping[str, Any], out: str | Path, *, 
 
     Raises:
         FileNotFoundError: the checkpoint does not exist.
-        ValueError: a bad ``image_size``, ``opset``, ``score_thresh`` or ``out``, or a file
-            that is not a detfocal checkpoint.
+        ValueError: a bad ``image_size``, ``opset``, ``score_thresh`` or ``out`` (a folder, an
+            existing file, an unwritable folder), or a checkpoint that is a folder or not a
+            detfocal checkpoint.
         ImportError: the ``onnx`` package, which the exporter needs, is not installed.
 
     Example:
         >>> path = export_onnx("runs/shapes_retinanet_r18/best.pth", "model.onnx")
         >>> detections = run_onnx(path, load_image("shape.png"))  # {"boxes", "scores", "labels"}
     """
-    from detfocal.engine.inference import load_model
+    from detfocal.engine.loading import load_model
     from detfocal.utils.io import atomic_write
 
-    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
-        raise ValueError(f"image_size: expected None (any size) or a positive int, got {image_size!r}")
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
+                                   or not 1 <= image_size <= MAX_IMAGE_SIZE):
+        raise ValueError(f"image_size: expected None (any size) or an int in [1, {MAX_IMAGE_SIZE}] (pixels), "
+                         f"got {image_size!r}")
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise ValueError(f"opset: expected an int in [{MIN_OPSET}, {MAX_OPSET}], got {opset!r}")
     if score_thresh is not None and (isinstance(score_thresh, bool) or not isinstance(score_thresh, (int, float))
                                      or not 0.0 <= score_thresh <= 1.0):
         raise ValueError(f"score_thresh: expected a score in [0, 1], got {score_thresh!r}")
-    out = Path(out)
-    if out.is_dir():
-        raise ValueError(f"--out {out} is a folder, expected an .onnx file")
-    if out.exists() and not overwrite:
-        raise ValueError(f"--out {out} exists; pass overwrite=True (--overwrite) to replace it")
+    out = _check_output(Path(out), overwrite)
     onnx = _require("onnx", "ONNX export")  # the TorchScript exporter writes through it
 
     model, info = load_model(checkpoint, device="cpu",
@@ -154,8 +178,8 @@ def run_onnx(path: str | Path | Any, image: Tensor | np.ndarray) -> dict[str, np
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: ``path`` is not an ONNX model with an ``image`` input, or ``image`` has the
-            wrong shape or dtype.
+        ValueError: ``path`` is a folder or not an ONNX model with an ``image`` input, or
+            ``image`` has the wrong shape or dtype, or is empty (H or W is 0).
         ImportError: onnxruntime is not installed.
 
     Example:
@@ -165,6 +189,8 @@ def run_onnx(path: str | Path | Any, image: Tensor | np.ndarray) -> dict[str, np
     ort = _require("onnxruntime", "run_onnx")
     if isinstance(path, (str, Path)):
         path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"ONNX model {path} is a folder, expected an .onnx file")
         if not path.is_file():
             raise FileNotFoundError(f"ONNX model {path} does not exist")
         try:
@@ -181,6 +207,8 @@ def run_onnx(path: str | Path | Any, image: Tensor | np.ndarray) -> dict[str, np
     if array.ndim != 3 or array.shape[0] != 3 or not np.issubdtype(array.dtype, np.floating):
         raise ValueError(f"image: expected a float [3, H, W] RGB image in [0, 1], got {array.dtype} "
                          f"{list(array.shape)}")
+    if array.size == 0:
+        raise ValueError(f"image: expected an image with H, W >= 1, got an empty one of shape {list(array.shape)}")
     expected = inputs[0].shape  # [3, "height", "width"], or ints for a fixed-size export
     if any(isinstance(want, int) and want != got for want, got in zip(expected, array.shape)):
         raise ValueError(f"image: this model was exported for images of shape {expected}, got {list(array.shape)}")

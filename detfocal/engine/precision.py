@@ -18,7 +18,7 @@ def cpu_flags() -> set[str]:
 def cpu_supports_bf16() -> bool:
     """Whether this CPU has native bf16 matrix instructions (AVX-512-BF16 or AMX-BF16).
 
-    Without them bf16 autocast is emulated, and measured slower than fp32 (README, Precision).
+    Without them bf16 autocast is emulated, and slower than fp32 (docs: benchmarks page).
     """
     get_capabilities = getattr(torch.cpu, "get_capabilities", None)
     if get_capabilities is not None:
@@ -49,7 +49,7 @@ def resolve_amp(mode: str, device: torch.device) -> tuple[torch.dtype | None, bo
     """Pick the autocast dtype and memory format for ``train.amp``.
 
     ``auto``: fp16 autocast with a GradScaler on CUDA; bf16 autocast plus channels_last on a CPU
-    with native bf16 (AVX-512-BF16 or AMX: about 3.8x faster conv training than fp32); fp32
+    with native bf16 (AVX-512-BF16 or AMX, where bf16 convs run natively and beat fp32); fp32
     elsewhere. ``off``, ``bf16`` and ``fp16`` force a choice.
 
     Args:

@@ -7,10 +7,8 @@ step, but it runs on the same cores the step's threads use, so it still costs ab
 therefore save ``load * (1 - 1/cores)`` per step: half the load time on 2 cores, nearly all
 of it on 32. ``auto`` starts workers only when that saving is at least
 :data:`MIN_SAVING` of the step, and then as many as keep a batch ready every step (with
-headroom for slow images), at most one per spare core.
-
-Measured on the demo (2-core AMD EPYC, AVX2): loading a batch of 8 images takes ~27 ms
-and a training step ~650 ms, so workers would save ~2% and ``auto`` keeps 0.
+headroom for slow images), at most one per spare core. On the demo with 2 cores loading is
+a few percent of a step, so ``auto`` keeps 0 (figures on the docs' benchmarks page).
 """
 from __future__ import annotations
 

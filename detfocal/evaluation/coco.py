@@ -1,9 +1,9 @@
 """COCO box evaluation: an evaluator fed by the model, results files, per-class tables.
 
 Two interchangeable backends compute the same numbers: pycocotools, the reference, and
-faster-coco-eval, which reimplements COCOeval's matching and accumulation in C++ (several
-times faster; tests/test_evaluation.py checks that the stats, the per-class AP and the
-precision array agree to 1e-9).
+faster-coco-eval, which reimplements COCOeval's matching and accumulation in C++
+(tests/test_evaluation.py checks that the stats, the per-class AP and the precision array
+agree to 1e-9).
 """
 from __future__ import annotations
 
@@ -12,6 +12,11 @@ import csv
 import functools
 import io
 import json
+import logging
+import math
+import numbers
+import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -35,6 +40,8 @@ PER_CLASS_COLUMNS = ("class", "AP", "AP50", "AP75", "num_gt", "num_detections")
 # Ground truth: a COCO object of either backend, a json path or a COCO dict.
 CocoSource = COCO | str | Path | Mapping[str, Any]
 
+logger = logging.getLogger(__name__)
+
 
 def _quiet() -> contextlib.AbstractContextManager:
     """pycocotools prints progress on stdout; keep it out of the logs."""
@@ -42,9 +49,10 @@ def _quiet() -> contextlib.AbstractContextManager:
 
 
 def _to_stdout(*args: Any) -> None:
-    """faster-coco-eval's print_function (its default is logger.info): stdout, where _quiet() catches it,
-    as pycocotools'. Not ``print`` itself: given ``print``, COCOeval rebinds the COCO objects' output too."""
-    print(*args)
+    """faster-coco-eval's print_function (its default is its own logger): the current stdout, where
+    _quiet() catches it as it catches pycocotools' output. Not ``print`` itself: given ``print``,
+    COCOeval rebinds the COCO objects' output too."""
+    sys.stdout.write(" ".join(map(str, args)) + "\n")
 
 
 def resolve_backend(backend: str = "auto") -> str:
@@ -159,8 +167,11 @@ def _run_cocoeval(coco_gt: Any, coco_dt: Any, img_ids: Sequence[int] | None, ver
     with _quiet():
         coco_eval.evaluate()
         coco_eval.accumulate()
-    with contextlib.nullcontext() if verbose else _quiet():
+    table = io.StringIO()
+    with contextlib.redirect_stdout(table):  # both backends print the table
         coco_eval.summarize()
+    if verbose:
+        logger.info("%s", table.getvalue().rstrip("\n"))
     # faster-coco-eval appends more stats after the 12 of pycocotools; zip keeps those 12.
     summary: dict[str, Any] = {name: float(value) for name, value in zip(STAT_NAMES, coco_eval.stats)}
     summary["per_class"] = {coco_gt.cats[int(category_id)]["name"]: _class_precision(coco_eval, k)
@@ -283,7 +294,7 @@ class CocoEvaluator:
         Under DDP, either call it on every rank or call ``synchronize()`` on every rank first.
 
         Args:
-            verbose: print the standard COCO table.
+            verbose: log the standard COCO table (INFO, logger ``detfocal.evaluation.coco``).
 
         Returns:
             ``{"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm",
@@ -309,7 +320,7 @@ def evaluate_results(gt_json: CocoSource, results_json: str | Path | list[dict[s
         gt_json: ground-truth json path, COCO dict or COCO object.
         results_json: COCO results json path (a list of ``{"image_id", "category_id", "bbox",
             "score"}``) or the loaded list.
-        verbose: print the standard COCO table.
+        verbose: log the standard COCO table (INFO, logger ``detfocal.evaluation.coco``).
         backend: one of :data:`BACKENDS`; :func:`resolve_backend` tells which one "auto" runs.
 
     Returns:
@@ -317,27 +328,68 @@ def evaluate_results(gt_json: CocoSource, results_json: str | Path | list[dict[s
 
     Raises:
         FileNotFoundError: a file does not exist.
-        ValueError: a file is malformed, results name images or categories missing from the
-            ground truth, or the backend is unknown or not installed.
+        ValueError: a file is malformed, ``results_json`` is not a list of detections, a
+            detection is not a dict or has a missing or mistyped field (the message names its
+            index and the field), results name images or categories missing from the ground
+            truth, or the backend is unknown or not installed.
     """
     backend = resolve_backend(backend)
     coco_gt = load_coco(gt_json, backend)
-    if isinstance(results_json, (str, Path)):
+    if isinstance(results_json, (str, os.PathLike)):
         if not Path(results_json).is_file():
             raise FileNotFoundError(f"results_json: {results_json} does not exist")
-        with open(results_json, "r", encoding="utf-8") as handle:
-            results = json.load(handle)
+        try:
+            with open(results_json, "r", encoding="utf-8") as handle:
+                results = json.load(handle)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise ValueError(f"results_json: {results_json} is not valid UTF-8 json "
+                             f"({type(exc).__name__}: {exc})") from None
+        if not isinstance(results, list):
+            raise ValueError(f"results_json: {results_json} holds a {type(results).__name__}, "
+                             f"expected a list of detections")
+    elif not isinstance(results_json, list):
+        raise ValueError(f"results_json: expected a list of detections or the path of a json holding one, "
+                         f"got a {type(results_json).__name__}")
     else:
-        # loadRes adds keys to each detection; leave the caller's dicts alone.
-        results = [dict(result) for result in results_json]
-    if not isinstance(results, list):
-        raise ValueError(f"results_json: {results_json} holds a {type(results).__name__}, expected a list of detections")
-    for index, result in enumerate(results):
-        missing = [key for key in ("image_id", "category_id", "bbox", "score") if key not in result]
-        if missing:
-            raise ValueError(f"results_json: detection {index} has no {missing}")
+        results = results_json
+    # Copies: loadRes adds keys to each detection, and the caller's dicts stay as they were.
+    results = [_checked_detection(index, result) for index, result in enumerate(results)]
     _, summary = _run_cocoeval(coco_gt, _load_detections(coco_gt, results), None, verbose, backend)
     return summary
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_finite(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _checked_detection(index: int, result: Any) -> dict[str, Any]:
+    """A copy of one COCO results entry with plain ints and floats, or a ValueError saying what is wrong.
+
+    Both backends would otherwise fail inside ``loadRes`` (or in C++) with a message that names
+    neither the detection nor the field.
+    """
+    if not isinstance(result, Mapping):
+        raise ValueError(f"results_json: detection {index} is a {type(result).__name__} ({result!r:.60}), "
+                         f"expected a dict with image_id, category_id, bbox and score")
+    missing = [key for key in ("image_id", "category_id", "bbox", "score") if key not in result]
+    if missing:
+        raise ValueError(f"results_json: detection {index} has no {missing}")
+    for key in ("image_id", "category_id"):
+        if not _is_integer(result[key]):
+            raise ValueError(f"results_json: detection {index} has {key} {result[key]!r:.60}, expected an int")
+    bbox = result["bbox"]
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(map(_is_finite, bbox)):
+        raise ValueError(f"results_json: detection {index} has bbox {bbox!r:.100}, "
+                         f"expected [x, y, w, h], four finite numbers")
+    if not _is_finite(result["score"]):
+        raise ValueError(f"results_json: detection {index} has score {result['score']!r:.60}, "
+                         f"expected a finite number")
+    return {**result, "image_id": int(result["image_id"]), "category_id": int(result["category_id"]),
+            "bbox": [float(value) for value in bbox], "score": float(result["score"])}
 
 
 def per_class_table(evaluator: CocoEvaluator) -> list[dict[str, Any]]:

@@ -2,7 +2,7 @@
 
 NVIDIA apex's pattern. The forward pass computes the loss and its analytic gradient
 together and keeps only the gradient; backward is at most one multiply by the upstream
-gradient. At most one logits-sized tensor stays alive between forward and backward.
+gradient, so at most one logits-sized tensor stays alive between forward and backward.
 
 A loss plugs in as ``fn(*inputs, needs) -> (loss, grads)``:
 
@@ -13,36 +13,35 @@ A loss plugs in as ``fn(*inputs, needs) -> (loss, grads)``:
   shape or broadcast to the loss's shape (it is summed back). The logits' gradient must be
   a tensor ``fn`` made: it is scaled in place.
 
-Normalisers live in the forward pass. A "mean" loss, or a "sum" divided by a normaliser
-(the head's positive count), divides its gradient there, inside the same fused kernel
-under ``torch.compile`` (:func:`reduce_loss_and_grad`). A plain ``loss.backward()`` then
-sends an upstream gradient of exactly 1, and backward hands the saved gradient on with
-no pass over it at all: the memory floor of a loss is one read of the logits and one
-write of the gradient.
+``fn`` is written in differentiable torch ops: a backward with ``create_graph=True`` (a
+gradient penalty, a Hessian-vector product, MAML) calls it again under autograd on the
+inputs and differentiates its analytic gradient. That needs the inputs at backward: the
+loss holds them only weakly (they are there whenever the caller or the graph keeps them),
+or, inside :func:`double_backward`, strongly.
 
-Precision of fp16/bf16 inputs: the gradient is computed and kept in fp32. Backward
-multiplies it by the upstream gradient (GradScaler's loss scale) in fp32 and rounds the
-product once to the input's dtype. Storing the gradient in fp16 before that multiply
-flushes small gradients to 0 before GradScaler can lift them, and the scale 65536 itself
-is inf in fp16. The cost is 2 bytes per element more between forward and backward (fp16
-[2, 200000, 80]: 122 MiB instead of 61 MiB); backward writes the product in 1M-element
-chunks, so it adds only the fp16 result. fp32 and fp64 inputs keep their gradient in
-their own dtype and, for a scalar loss, scale it in place: no second logits-sized
-allocation. On the last backward through the graph (no ``retain_graph``) the saved
-gradient is released as it is handed on, so autograd stores it as the leaf's ``.grad``
-instead of copying it.
+Normalisers live in the forward pass: a "mean" loss, or a "sum" divided by a normaliser,
+divides its gradient there (:func:`reduce_loss_and_grad`), so a plain ``loss.backward()``
+hands the saved gradient on without a pass over it.
+
+fp16/bf16 inputs: the gradient is kept in fp32 and multiplied by the upstream gradient
+(GradScaler's loss scale) before it is rounded, once, to the input's dtype. Rounding first
+would flush small gradients to 0 before the scale lifts them, and the scale 65536 is
+itself inf in fp16.
 """
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+import threading
+import weakref
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
 
-from detfocal.utils._compat import assert_async, graph_is_kept
+from detfocal.utils._compat import graph_is_kept, tensor_version
 
 __all__ = ["LossAndGrads", "LossFn", "RowwiseSavedGradFunction", "SavedGradFunction", "combine_divisors",
-           "divide_loss_and_grads", "reduce_loss_and_grad", "saved_grad_loss"]
+           "divide_loss_and_grads", "double_backward", "reduce_loss_and_grad", "saved_grad_loss"]
 
 LossAndGrads = tuple[Tensor, tuple[Tensor | None, ...]]
 LossFn = Callable[..., LossAndGrads]
@@ -129,15 +128,48 @@ def _is_one(scale: Tensor) -> bool:
     return scale.device.type == "cpu" and scale.numel() == 1 and bool(scale.reshape(()) == 1)
 
 
+_keep_inputs = threading.local()
+
+
+@contextlib.contextmanager
+def double_backward() -> Iterator[None]:
+    """Losses created inside keep their inputs alive until their backward, for ``create_graph=True``.
+
+    A backward with ``create_graph=True`` recomputes the loss from its inputs. Outside this
+    context the loss holds the logits (and soft targets) only weakly, so that plain training
+    keeps just the saved gradient; then that backward works when something else still holds
+    them, and otherwise raises. Inside, the loss holds them, at the cost of their memory
+    until the backward: use it where the logits are intermediates, e.g. MAML or a gradient
+    penalty through a whole detector.
+
+    Example:
+        >>> from detfocal.losses import sigmoid_focal_loss
+        >>> weight = torch.randn(4, 3, requires_grad=True)
+        >>> with double_backward():
+        ...     loss = sigmoid_focal_loss(weight * 2.0, torch.tensor([0, 1, 3, -1]), reduction="sum")
+        >>> (grad,) = torch.autograd.grad(loss, weight, create_graph=True)
+        >>> grad.pow(2).sum().backward()
+    """
+    previous = getattr(_keep_inputs, "on", False)
+    _keep_inputs.on = True
+    try:
+        yield
+    finally:
+        _keep_inputs.on = previous
+
+
 class SavedGradFunction(torch.autograd.Function):
     """Runs ``fn`` in forward, keeps only its gradients, and scales them in backward.
 
-    For a scalar loss and fp32/fp64 logits, the first backward scales the saved gradient
-    in place (not at all when the upstream gradient is 1) and hands it on: no new
-    logits-sized allocation, which on CPU costs as much as the multiply itself. It records
-    the scale it applied, so a later backward through the same graph (``retain_graph``,
-    ``gradcheck``) rescales by the ratio, out of place. fp16/bf16 logits get a new tensor
-    each time: the fp32 product, rounded once.
+    The last backward through the graph scales the saved logits gradient in place (not at
+    all when the upstream gradient is 1) and hands it on, so autograd stores it as the
+    leaf's ``.grad`` without a copy. A backward that keeps the graph (``retain_graph``,
+    ``gradcheck``) returns a new tensor instead: what it hands out is the caller's to
+    modify, and the saved gradient stays intact for the next backward.
+
+    A backward with ``create_graph=True`` recomputes ``fn`` under autograd from the inputs,
+    unchanged since the forward. Logits-sized inputs are held weakly (strongly inside
+    :func:`double_backward`); smaller ones, such as alpha, strongly.
     """
 
     @staticmethod
@@ -154,8 +186,13 @@ class SavedGradFunction(torch.autograd.Function):
         # Plain attributes, not save_for_backward: backward updates the logits' gradient in
         # place, and these are intermediates (never inputs or outputs), so no version check is needed.
         ctx.grads = saved
+        ctx.needs = needs
         ctx.input_meta = [(x.dtype, x.shape) if isinstance(x, Tensor) else None for x in inputs]
-        ctx.applied_scale = None
+        # Logits-sized inputs are held weakly: keeping them alive for a second derivative
+        # that is rarely asked for would double the memory the saved gradient is there to save.
+        ctx.fn = fn
+        ctx.input_refs = [_reference(x, inputs[0].numel()) for x in inputs]
+        ctx.input_versions = [tensor_version(x) if isinstance(x, Tensor) else None for x in inputs]
         return loss
 
     @staticmethod
@@ -163,34 +200,9 @@ class SavedGradFunction(torch.autograd.Function):
         """The upstream gradient, broadcastable to the saved gradients."""
         return grad_output
 
-    @classmethod
-    def input_grads(cls, ctx, grad_output: Tensor) -> list[Tensor | None]:
-        upstream = cls.upstream(grad_output)
-        grads = ctx.grads
-        if grads is None:
-            # The gradients are plain attributes, so autograd's own check for this cannot see them.
-            raise RuntimeError("Trying to backward through the graph a second time (or directly access saved "
-                               "tensors after they have already been freed): a detfocal loss hands its saved "
-                               "gradient on in the first backward. Specify retain_graph=True if you need to "
-                               "backward a second time.")
-        if not graph_is_kept():
-            ctx.grads = None  # the last backward: hand the buffers on, keep no reference
-        result: list[Tensor | None] = []
-        for index, (grad, meta) in enumerate(zip(grads, ctx.input_meta)):
-            if grad is None:
-                result.append(None)
-            elif index == 0:
-                result.append(_scale_logits_grad(ctx, grad, upstream, meta[0]))
-            else:
-                dtype, shape = meta
-                result.append((grad * upstream.to(grad.dtype)).sum_to_size(shape).to(dtype))
-        del grads
-        return result
-
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        return (None, *SavedGradFunction.input_grads(ctx, grad_output))
+        return (None, *_input_grads(ctx, SavedGradFunction.upstream(grad_output)))
 
 
 class RowwiseSavedGradFunction(SavedGradFunction):
@@ -201,13 +213,84 @@ class RowwiseSavedGradFunction(SavedGradFunction):
         return grad_output.unsqueeze(-1)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        return (None, *RowwiseSavedGradFunction.input_grads(ctx, grad_output))
+        return (None, *_input_grads(ctx, RowwiseSavedGradFunction.upstream(grad_output)))
 
 
-def _scale_logits_grad(ctx, grad: Tensor, upstream: Tensor, dtype: torch.dtype) -> Tensor:
-    """The saved logits gradient times the upstream gradient, in the logits' dtype."""
+def _reference(x: Tensor | None, logits_numel: int) -> Tensor | weakref.ref | None:
+    """A weak reference to a logits-sized input; the input itself if it is smaller (alpha) or
+    inside :func:`double_backward`."""
+    if not isinstance(x, Tensor):
+        return None
+    keep = x.numel() < logits_numel or getattr(_keep_inputs, "on", False)
+    return x if keep else weakref.ref(x)
+
+
+def _input_grads(ctx, upstream: Tensor) -> list[Tensor | None]:
+    """The inputs' gradients: the saved ones times ``upstream``, or, under ``create_graph``
+    (grad mode is on in backward only then), ``fn``'s recomputed under autograd."""
+    grads = ctx.grads
+    if grads is None:
+        # The gradients are plain attributes, so autograd's own check for this cannot see them.
+        raise RuntimeError("Trying to backward through the graph a second time (or directly access saved "
+                           "tensors after they have already been freed): a detfocal loss hands its saved "
+                           "gradient on in the first backward. Specify retain_graph=True if you need to "
+                           "backward a second time.")
+    kept = graph_is_kept()
+    fn, refs = ctx.fn, ctx.input_refs
+    if not kept:  # the last backward: hand the buffers on, keep no reference
+        ctx.grads = ctx.fn = ctx.input_refs = None
+    if torch.is_grad_enabled():
+        del grads
+        return _differentiable_input_grads(ctx, fn, refs, upstream)
+    result: list[Tensor | None] = []
+    for index, (grad, meta) in enumerate(zip(grads, ctx.input_meta)):
+        if grad is None:
+            result.append(None)
+        elif index == 0:
+            result.append(_scale_logits_grad(grad, upstream, meta[0], in_place=not kept))
+        else:
+            dtype, shape = meta
+            result.append((grad * upstream.to(grad.dtype)).sum_to_size(shape).to(dtype))
+    del grads
+    return result
+
+
+def _differentiable_input_grads(ctx, fn: LossFn, refs: list, upstream: Tensor) -> list[Tensor | None]:
+    """``create_graph=True``: ``fn``'s analytic gradients recomputed under autograd from the
+    inputs, so that they carry a graph (a second derivative of the loss)."""
+    inputs = []
+    for index, (ref, version) in enumerate(zip(refs, ctx.input_versions)):
+        name = "logits" if index == 0 else f"the loss's input {index} (its targets or alpha)"
+        x = ref() if isinstance(ref, weakref.ref) else ref
+        if ref is not None and x is None:
+            raise RuntimeError(
+                f"detfocal: backward with create_graph=True recomputes the loss from its inputs, but "
+                f"{name} was freed after the forward pass (the loss keeps only its gradient). Keep a "
+                f"reference to it until this backward, or create the loss inside "
+                f"`with detfocal.losses.double_backward():`, which keeps its inputs alive.")
+        if x is not None and tensor_version(x) != version:
+            raise RuntimeError(
+                f"detfocal: {name} of the loss was modified in place after the forward pass, so backward "
+                f"with create_graph=True cannot recompute the loss from it; clone it before modifying it.")
+        inputs.append(x)
+    with torch.enable_grad():
+        _, grads = fn(*inputs, needs=ctx.needs)
+    result: list[Tensor | None] = []
+    for need, grad, meta in zip(ctx.needs, grads, ctx.input_meta):
+        if not need or grad is None:
+            result.append(None)
+            continue
+        dtype, shape = meta
+        result.append((grad * upstream.to(grad.dtype)).sum_to_size(shape).to(dtype))
+    return result
+
+
+def _scale_logits_grad(grad: Tensor, upstream: Tensor, dtype: torch.dtype, in_place: bool) -> Tensor:
+    """The saved logits gradient times the upstream gradient, in the logits' dtype.
+
+    ``in_place``: the last backward, which may scale the saved buffer and hand it on.
+    """
     upstream = upstream.to(grad.dtype)
     if grad.dtype != dtype:
         # fp16/bf16 logits: multiply in fp32, round once when the product is stored.
@@ -216,23 +299,12 @@ def _scale_logits_grad(ctx, grad: Tensor, upstream: Tensor, dtype: torch.dtype) 
         out = torch.empty(grad.shape, dtype=dtype, device=grad.device)
         _mul_in_chunks(grad, upstream.expand_as(grad) if upstream.dim() else upstream, out)
         return out
-    if upstream.numel() != 1:
+    if not in_place:
         return grad * upstream
-    scale = upstream.reshape(())
-    previous = ctx.applied_scale
-    if previous is None:
-        ctx.applied_scale = scale
+    if upstream.numel() == 1:
+        scale = upstream.reshape(())
         return grad if _is_one(scale) else grad.mul_(scale)
-    # A second backward (retain_graph, gradcheck): out of place, so the gradient handed out
-    # the first time is not changed under the caller. A zero first scale wiped the buffer,
-    # which cannot be undone.
-    if previous.device.type == "cpu":
-        if previous.item() == 0.0:
-            raise RuntimeError("detfocal focal loss: cannot backpropagate again through a graph whose "
-                               "first backward scaled the loss by 0")
-    else:
-        assert_async(previous != 0, "detfocal focal loss: second backward after a zero scale")
-    return grad * (scale / previous)
+    return grad.mul_(upstream)  # "none": the loss's shape (or its rows') broadcasts to the gradient's
 
 
 # A product into an output of another dtype goes through a temporary of the inputs' dtype;

@@ -183,12 +183,15 @@ def alpha_tensor(alpha: AlphaLike, logits: Tensor, dtype: torch.dtype) -> Tensor
         shaped = tensor.unsqueeze(-1)
     else:
         try:
-            torch.broadcast_shapes(tensor.shape, logits.shape)
+            broadcast = torch.broadcast_shapes(tensor.shape, logits.shape)
         except RuntimeError:
+            broadcast = None
+        # An alpha that broadcasts to a larger shape would enlarge the loss (and its sum).
+        if broadcast != logits.shape:
             raise ValueError(
                 f"alpha as a tensor must have length C = {num_classes} (per class), shape "
-                f"{tuple(logits.shape[:-1])} (per row) or broadcast to {tuple(logits.shape)}, "
-                f"got shape {tuple(tensor.shape)}") from None
+                f"{tuple(logits.shape[:-1])} (per row) or broadcast to the logits' shape {tuple(logits.shape)} "
+                f"without enlarging it, got alpha of shape {tuple(tensor.shape)}")
         shaped = tensor
     check_unit_interval(tensor, "alpha")
     return shaped

@@ -1,10 +1,12 @@
 """Choosing between the eager loss and its ``torch.compile``-d twin.
 
 Inductor turns the analytic loss-plus-gradient into one vectorised C++ loop on CPU and a
-Triton kernel on CUDA. Compiling costs seconds on first use, so ``DETFOCAL_COMPILE=auto``
-(the default) compiles only for inputs large enough to win that back; ``1`` always
-compiles, ``0`` never does. A failed compile (no C++ compiler, no Triton, an unsupported
-platform) falls back to eager once, with a warning, and stays there.
+Triton kernel on CUDA. The first call pays for the compile, so ``DETFOCAL_COMPILE=auto``
+(the default) compiles only for inputs of at least :data:`AUTO_MIN_NUMEL` logits; ``1``
+always compiles, ``0`` never does. A failed compile (no C++ compiler, no Triton, an
+unsupported platform) falls back to eager once, with a warning, and stays there. A call
+that autograd records (a backward with ``create_graph=True`` recomputing the loss) runs
+eager: compiled graphs do not support double backward.
 """
 from __future__ import annotations
 
@@ -19,9 +21,10 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-logger = logging.getLogger("detfocal")
+logger = logging.getLogger(__name__)
 
-# Below this many logits eager wins: a [2, 200k, 80] COCO batch is 32M, a unit test is < 1M.
+# Compile only inputs the size of a detector batch, where the fused kernel pays for its
+# compile; unit tests and small batches stay eager.
 AUTO_MIN_NUMEL = 1 << 22
 
 _compiled: dict[Callable[..., Any], Callable[..., Any]] = {}
@@ -73,6 +76,8 @@ def _compiled_version(fn: Callable[..., Any]) -> Callable[..., Any]:
 
         @functools.wraps(fn)
         def run(*args: Any) -> Any:
+            if torch.is_grad_enabled() and any(isinstance(arg, Tensor) and arg.requires_grad for arg in args):
+                return fn(*args)  # autograd through the loss itself (create_graph): eager
             first = fn.__name__ not in _state["compile_seconds"]
             start = time.perf_counter()
             try:

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from . import checks
 from .checks import AlphaLike
-from .focal import softmax_focal_loss
+from .softmax import softmax_focal_loss
 
 
 # --------------------------------------------------------------------------------------
@@ -72,6 +72,15 @@ def _dense_targets(targets: Tensor, logits: Tensor, ignore_index: int, dtype: to
     dense = torch.zeros(logits.shape, dtype=dtype, device=logits.device)
     dense.scatter_(-1, index, is_pos.unsqueeze(-1).to(dtype))  # background and ignored rows stay 0
     return dense, valid
+
+
+def _select_kept_rows(x: Tensor, valid: Tensor | None) -> Tensor:
+    """``x`` with its ignored rows set to 0.
+
+    An ignored row may hold any logit, inf and NaN included (padding, masked anchors);
+    zeroing its loss afterwards keeps the value finite but not the gradient (0 * inf is NaN).
+    """
+    return x if valid is None else torch.where(valid.unsqueeze(-1), x, 0)
 
 
 def _reduce_elementwise(loss: Tensor, valid: Tensor | None, reduction: str) -> Tensor:
@@ -283,7 +292,7 @@ def sigmoid_focal_loss_star(
     dtype = checks.compute_dtype(logits)
     alpha_t = checks.alpha_tensor(alpha, logits, dtype)
     t, valid = _dense_targets(targets, logits, ignore_index, dtype)
-    z = logits.to(dtype)
+    z = _select_kept_rows(logits.to(dtype), valid)
     loss = (t * F.softplus(-(gamma * z + beta)) + (1 - t) * F.softplus(gamma * z - beta)) / gamma
     return _reduce_elementwise(loss * _alpha_weight(alpha_t, t), valid, reduction)
 
@@ -319,7 +328,11 @@ def alpha_from_object_counts(num_objs: Tensor | Sequence[float]) -> Tensor:
         >>> logits, labels = torch.randn(3, 100, 80), torch.full((3, 100), 80)
         >>> loss = sigmoid_focal_loss(logits, labels, alpha=alpha[:, None, None], reduction="sum")
     """
-    counts = torch.as_tensor(num_objs)
+    try:
+        counts = torch.as_tensor(num_objs)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"num_objs holds {num_objs!r} ({type(num_objs).__name__}), expected a non-empty 1-d "
+                         "sequence or tensor of per-image object counts") from None
     if counts.dtype == torch.bool or counts.is_complex():
         raise ValueError(f"num_objs must hold real counts, got dtype {counts.dtype}")
     if counts.dim() != 1 or counts.numel() == 0:
@@ -378,9 +391,9 @@ def focal_cosine_loss(
     # softmax_focal_loss validates logits, target, gamma, alpha and reduction.
     focal = softmax_focal_loss(logits, target, alpha, gamma, reduction, ignore_index)
     dtype = checks.compute_dtype(logits)
-    x = logits.to(dtype)
     target = target.long()
     valid = target != ignore_index
+    x = _select_kept_rows(logits.to(dtype), valid)
     index = torch.where(valid, target, torch.zeros_like(target)).unsqueeze(-1)
     norm = torch.linalg.vector_norm(x, dim=-1).clamp(min=max(1e-12, _grad_floor(logits.dtype)))
     cosine = 1 - x.gather(-1, index).squeeze(-1) / norm  # [..., C] -> [...]

@@ -1,8 +1,9 @@
-"""Sigmoid and softmax focal loss (Lin et al. 2017, "Focal Loss for Dense Object Detection").
+"""Sigmoid focal loss (Lin et al. 2017, "Focal Loss for Dense Object Detection").
 
-Both losses compute their gradient analytically in the forward pass and save only that
+The loss computes its gradient analytically in the forward pass and saves only that
 gradient for backward (:mod:`detfocal.losses.autograd`), so backward is a single multiply
-and at most one logits-sized tensor stays alive between forward and backward.
+and at most one logits-sized tensor stays alive between forward and backward. The
+multi-class variant is :mod:`detfocal.losses.softmax`.
 
 Why analytic: autograd differentiates ``(1 - p_t) ** gamma`` into ``gamma * (1 - p_t) **
 (gamma - 1)``, which is ``inf`` at saturated logits when gamma < 1 and turns into NaN
@@ -10,8 +11,6 @@ gradients (torchvision, fvcore, mmdet's python path). The closed form below has 
 negative power, so it is finite for every gamma >= 0 and every logit.
 """
 from __future__ import annotations
-
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +25,29 @@ from .compile import select_backend
 # --------------------------------------------------------------------------------------
 # Elementwise math. Written once and shared by the eager path and the torch.compile path.
 # --------------------------------------------------------------------------------------
+def _limit_product(weight: Tensor | float, value: Tensor) -> Tensor:
+    """``weight * value``, and 0 where ``weight`` is 0 even if ``value`` is inf.
+
+    At an infinite logit a cross entropy is inf. Where the factor in front of it is exactly
+    0 there (an alpha_t of 0, a saturated sigmoid), the product's limit is 0, not NaN.
+    Every caller's ``weight`` is NaN wherever the logit is, so a NaN logit still gives NaN.
+    """
+    if not isinstance(weight, Tensor):
+        return value * weight if weight else torch.zeros_like(value)
+    return torch.where(weight == 0, 0, weight * value)
+
+
+def _binary_cross_entropy(z: Tensor, t: Tensor | float) -> Tensor:
+    """CE = t softplus(-z) + (1 - t) softplus(z), accurate on both sides of 0.
+
+    At z = +inf with t = 1 (or -inf with t = 0) the term of the saturated side is 0 times
+    inf; it is 0 at every z, so its limit is too. Selected by where on the logit rather
+    than on t, so a second derivative (create_graph) still sees d CE / dt at finite z.
+    """
+    ce = t * F.softplus(-z) + (1 - t) * F.softplus(z)
+    return torch.where(z.isinf() & ce.isnan(), 0, ce)
+
+
 def focal_terms(z: Tensor, t: Tensor | float, alpha: Tensor | None, gamma: float,
                 need_grad: bool) -> tuple[Tensor, Tensor | None]:
     """Per-element sigmoid focal loss and its derivative w.r.t. the logit.
@@ -46,21 +68,22 @@ def focal_terms(z: Tensor, t: Tensor | float, alpha: Tensor | None, gamma: float
     """
     p = torch.sigmoid(z)
     p_neg = torch.sigmoid(-z)  # 1 - p without the cancellation of 1 - sigmoid(z)
-    # CE = t * softplus(-z) + (1 - t) * softplus(z): accurate on both sides of 0.
-    sp_pos = F.softplus(-z)
-    sp_neg = F.softplus(z)
-    ce = t * sp_pos + (1 - t) * sp_neg
+    ce = _binary_cross_entropy(z, t)
     q = t * p_neg + (1 - t) * p
     weight = q.pow(gamma)
     if alpha is not None:
         weight = weight * (alpha * t + (1 - alpha) * (1 - t))
-    loss = weight * ce
+    loss = _limit_product(weight, ce)  # alpha_t = 0 (alpha 0 or 1) at an infinite CE: 0
     if not need_grad:
         return loss, None
-    # r -> 0 where q underflows to 0; there q**gamma is 0 too (gamma > 0) or gamma is 0.
-    r = torch.where(q > 0, p * p_neg / q, torch.zeros_like(q)).clamp(max=1.0)
-    grad = weight * (((1 - t) * p - t * p_neg) + gamma * r * (1 - 2 * t) * ce)  # p - t, exact at saturation
-    return loss, grad
+    grad = (1 - t) * p - t * p_neg  # p - t, exact at saturation
+    if gamma:
+        # r -> 0 where q underflows to 0; there q**gamma is 0 too. The safe denominator keeps
+        # a second derivative (create_graph) finite.
+        r = (p * p_neg / torch.where(q > 0, q, 1)).clamp(max=1.0)
+        # At z = +-inf, r = 0 and CE = inf: r CE -> 0 (exponential against linear).
+        grad = grad + gamma * (1 - 2 * t) * _limit_product(r, ce)
+    return loss, weight * grad
 
 
 def focal_target_grads(z: Tensor, t: Tensor, alpha: Tensor | None, gamma: float, need_t: bool,
@@ -76,17 +99,19 @@ def focal_target_grads(z: Tensor, t: Tensor, alpha: Tensor | None, gamma: float,
     fast), so even gamma < 1 needs no q**(gamma - 1).
     """
     p = torch.sigmoid(z)
-    ce = t * F.softplus(-z) + (1 - t) * F.softplus(z)
+    ce = _binary_cross_entropy(z, t)
     q = t * torch.sigmoid(-z) + (1 - t) * p
     weight = q.pow(gamma)
     grad_t = grad_alpha = None
     if need_t:
-        inner = gamma * (1 - 2 * p) * torch.where(q > 0, ce / q, torch.zeros_like(q)) - z
+        inner = -z
+        if gamma:
+            inner = inner + gamma * (1 - 2 * p) * torch.where(q > 0, ce / torch.where(q > 0, q, 1), 0)
         if alpha is not None:
-            inner = (2 * alpha - 1) * ce + (alpha * t + (1 - alpha) * (1 - t)) * inner
-        grad_t = weight * inner
+            inner = _limit_product(2 * alpha - 1, ce) + _limit_product(alpha * t + (1 - alpha) * (1 - t), inner)
+        grad_t = _limit_product(weight, inner)  # q**gamma -> 0 faster than z grows at a saturated hard target
     if need_alpha:
-        grad_alpha = (2 * t - 1) * weight * ce
+        grad_alpha = _limit_product((2 * t - 1) * weight, ce)
     return grad_t, grad_alpha
 
 
@@ -114,19 +139,21 @@ def hard_terms(z: Tensor, positive: bool, alpha: Tensor | None, gamma: float,
         dloss/ds = -alpha_t q^gamma (gamma p_t softplus(-s) + q),   dloss/dz = +-dloss/ds.
     """
     s = z if positive else -z
-    e = torch.exp(-s.abs())
-    ce = (-s).clamp(min=0) + torch.log1p(e)  # softplus(-s) = -log p_t
-    inv = 1.0 / (1.0 + e)
     nonneg = s >= 0
+    # where, not abs/clamp: at s = 0 autograd (create_graph) then differentiates one branch.
+    e = torch.exp(torch.where(nonneg, -s, s))  # exp(-|s|)
+    ce = torch.where(nonneg, 0, -s) + torch.log1p(e)  # softplus(-s) = -log p_t
+    inv = 1.0 / (1.0 + e)
     p_t = torch.where(nonneg, inv, e * inv)
     q = torch.where(nonneg, e * inv, inv)
     weight = q.pow(gamma)
     if alpha is not None:
         weight = weight * (alpha if positive else 1 - alpha)
-    loss = weight * ce
+    loss = _limit_product(weight, ce)  # alpha_t = 0 (alpha 0 or 1) at an infinite CE: 0
     if not need_grad:
         return loss, None
-    grad_s = weight * (gamma * p_t * ce + q)
+    # At s = -inf, p_t = 0 and CE = inf: p_t CE -> 0, so the gradient is alpha_t, not NaN.
+    grad_s = weight * (gamma * _limit_product(p_t, ce) + q) if gamma else weight * q
     return loss, (-grad_s if positive else grad_s)
 
 
@@ -136,16 +163,19 @@ def focal_int_targets(z: Tensor, labels: Tensor, alpha: Tensor | None, gamma: fl
     """Integer labels ``[...]``: c in [0, C) positive for class c, C background, ignore_index ignored.
 
     No one-hot: every element is computed as a negative, then the one positive column of
-    each foreground row is recomputed from a gather ([...] elements) and corrected: for
-    "sum"/"mean" the correction is added to the total, for "none" and the gradient it is
-    scattered in place. ``needs``: gradients wanted for (z, alpha); the alpha gradient
-    (rarely wanted) is computed from a dense one-hot.
+    each foreground row is recomputed from a gather ([...] elements) and scattered in place.
+    ``needs``: gradients wanted for (z, alpha); the alpha gradient (rarely wanted) is
+    computed from a dense one-hot.
     """
     num_classes = z.shape[-1]
     valid = labels != ignore_index
+    keep = valid.unsqueeze(-1)  # [...] -> [..., 1]
+    # An ignored row may hold any logit, inf and NaN included (padding, masked anchors).
+    # Select it out before the math: multiplying its loss and gradient by 0 after gives NaN.
+    z = torch.where(keep, z, 0)
     is_pos = checks.foreground_mask(labels, num_classes, ignore_index).unsqueeze(-1)  # [..., 1]
     index = torch.where(is_pos.squeeze(-1), labels, torch.zeros_like(labels)).unsqueeze(-1)  # [..., 1]
-    valid_f = valid.unsqueeze(-1).to(z.dtype)  # [..., 1]
+    valid_f = keep.to(z.dtype)  # [..., 1]
     z_label = z.gather(-1, index)  # [..., 1]
     alpha_label = None
     if alpha is not None:
@@ -175,13 +205,12 @@ def focal_int_targets(z: Tensor, labels: Tensor, alpha: Tensor | None, gamma: fl
         if label_smoothing:
             t = t * (1 - label_smoothing) + label_smoothing / 2
         grad_alpha = focal_target_grads(z, t, alpha, gamma, False, True)[1] * row_scale
-    grads = (grad, grad_alpha)
+    # Scattered, not added to the sum as a correction: at an infinite logit that meets inf - inf.
+    loss = loss.mul_(valid_f).scatter_(-1, index, torch.where(is_pos, pos_loss, neg_loss_label) * valid_f)
     if reduction == "none":
-        loss = loss.mul_(valid_f).scatter_(-1, index, torch.where(is_pos, pos_loss, neg_loss_label) * valid_f)
-        return loss, grads
-    correction = torch.where(is_pos, pos_loss - neg_loss_label, torch.zeros_like(pos_loss))
-    total = (loss * valid_f).sum() + correction.sum()
-    return (total if divisor is None else total / divisor), grads
+        return loss, (grad, grad_alpha)
+    total = loss.sum()
+    return (total if divisor is None else total / divisor), (grad, grad_alpha)
 
 
 def sigmoid_focal_loss(
@@ -223,7 +252,11 @@ def sigmoid_focal_loss(
         The loss in fp32 (fp64 for fp64 logits). Its gradient flows back in the logits'
         dtype: for fp16/bf16 it is the fp32 gradient times the upstream gradient (the loss
         scale included), rounded once. Float targets and alpha tensors that require grad
-        get their gradients too (soft-target distillation, learned alpha).
+        get their gradients too (soft-target distillation, learned alpha). An infinite
+        logit gives the limits of the loss (inf where that is inf) and of its gradient; an
+        ignored row may hold any logit, NaN included, and gets loss 0 and gradient 0. A
+        backward with ``create_graph=True`` gives second derivatives; it needs the logits
+        alive at that backward (see :func:`~detfocal.losses.double_backward`).
 
     Raises:
         ValueError: non-floating logits or C = 0, targets of neither form, float targets
@@ -292,119 +325,3 @@ class SigmoidFocalLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, gamma={self.gamma}, reduction={self.reduction!r}, ignore_index={self.ignore_index}"
-
-
-# --------------------------------------------------------------------------------------
-# Softmax focal loss: the multi-class variant, with (1 - p_t)^gamma applied per sample.
-# --------------------------------------------------------------------------------------
-def _softmax_focal(z: Tensor, target: Tensor, alpha: Tensor | None, gamma: float, ignore_index: int,
-                   label_smoothing: float, need_grad: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Per-row loss ``[...]``, per-row weight alpha_t (0 on ignored rows) and dloss_row/dz ``[..., C]``.
-
-    loss = (1 - p_t)^gamma H, H = (1 - eps) alpha_t (-log p_t) + eps/C * sum_j alpha_j (-log p_j)
-    (alpha = 1 when None), so gamma = 0 is exactly ``F.cross_entropy(weight=alpha,
-    label_smoothing=eps)``, which weights each smoothing term by its own class. With u = 1 - p_t:
-        dloss/dz_j = u^gamma [dH/dz_j - gamma H p_t (delta_tj - p_j) / u],
-    where (delta_tj - p_j) / u is 1 for j = t and -p_j / u in [-1, 0] otherwise: bounded,
-    so no u^(gamma - 1) ever appears.
-    """
-    num_classes = z.shape[-1]
-    valid = target != ignore_index
-    valid_f = valid.to(z.dtype)
-    index = torch.where(valid, target, torch.zeros_like(target)).unsqueeze(-1)  # [..., 1]
-    log_p = torch.log_softmax(z, dim=-1)
-    log_pt = log_p.gather(-1, index).squeeze(-1)
-    u = -torch.expm1(log_pt)  # 1 - p_t, accurate near p_t = 1
-    a_t = torch.ones_like(log_pt) if alpha is None else alpha[index.squeeze(-1)]
-    a_t = a_t * valid_f
-    h = -(1 - label_smoothing) * a_t * log_pt
-    if label_smoothing:
-        smooth = log_p.sum(-1) if alpha is None else (log_p * alpha).sum(-1)
-        h = h - label_smoothing / num_classes * smooth * valid_f
-    weight = u.pow(gamma)
-    loss = weight * h
-    if not need_grad:
-        return loss, a_t, None
-    p = log_p.exp()
-    p_t = log_pt.exp()
-    one_hot_t = torch.zeros_like(z).scatter_(-1, index, 1.0)
-    dh = (1 - label_smoothing) * a_t.unsqueeze(-1) * (p - one_hot_t)
-    if label_smoothing:
-        # d/dz_j sum_k alpha_k (-log p_k) = (sum_k alpha_k) p_j - alpha_j
-        alpha_sum, alpha_j = (num_classes, 1.0) if alpha is None else (alpha.sum(), alpha)
-        dh = dh + label_smoothing / num_classes * valid_f.unsqueeze(-1) * (alpha_sum * p - alpha_j)
-    ratio = torch.where(u.unsqueeze(-1) > 0, -p / u.unsqueeze(-1), torch.zeros_like(p)).clamp(-1.0, 0.0)
-    ratio = ratio.scatter(-1, index, 1.0)
-    coef = (gamma * h * p_t).unsqueeze(-1)
-    grad = weight.unsqueeze(-1) * (dh - coef * ratio)
-    return loss, a_t, grad
-
-
-def softmax_focal_loss(
-    logits: Tensor,
-    target: Tensor,
-    alpha: Sequence[float] | Tensor | None = None,
-    gamma: float = 2.0,
-    reduction: str = "mean",
-    ignore_index: int = -100,
-    *,
-    label_smoothing: float = 0.0,
-) -> Tensor:
-    """Multi-class (softmax) focal loss, -alpha_t (1 - p_t)^gamma log p_t per sample.
-
-    The factor (1 - p_t)^gamma multiplies each sample's own term, not the batch-mean cross
-    entropy (which would not be a focal loss).
-
-    Args:
-        logits: float ``[..., C]``.
-        target: integer class indices of shape ``logits.shape[:-1]``, in [0, C) or ``ignore_index``.
-        alpha: None, or a per-class sequence/tensor of C finite weights >= 0
-            (``F.cross_entropy``'s ``weight``), without gradient.
-        gamma: focusing parameter, a finite real >= 0; gamma = 0 is exactly cross entropy.
-        reduction: "none" (per-sample ``[...]``), "sum", or "mean", which, like
-            ``F.cross_entropy``, divides by the sum of alpha_t over the non-ignored targets.
-        ignore_index: target value to ignore.
-        label_smoothing: eps in [0, 1], as in ``F.cross_entropy``.
-
-    Returns:
-        The loss in fp32 (fp64 for fp64 logits).
-
-    Raises:
-        ValueError: on bad logits, target shape or values, gamma, alpha (also one that
-            requires grad) or reduction.
-
-    Example:
-        >>> logits = torch.randn(8, 5, requires_grad=True)
-        >>> softmax_focal_loss(logits, torch.randint(0, 5, (8,)), gamma=2.0).backward()
-    """
-    checks.check_logits(logits)
-    checks.check_reduction(reduction)
-    gamma = checks.check_gamma(gamma)
-    label_smoothing = checks.check_smoothing(label_smoothing)
-    if not isinstance(target, Tensor) or target.is_floating_point() or target.dtype == torch.bool:
-        raise ValueError(f"target must be an integer tensor of shape {tuple(logits.shape[:-1])}, "
-                         f"got {getattr(target, 'dtype', type(target).__name__)}")
-    target = checks.check_int_labels(target, logits, ignore_index, "target", background_ok=False)
-    dtype = checks.compute_dtype(logits)
-    num_classes = logits.shape[-1]
-    alpha_t = None
-    if alpha is not None:
-        checks.check_no_grad(alpha, "alpha", "softmax_focal_loss")
-        try:
-            alpha_t = torch.as_tensor(alpha, dtype=dtype, device=logits.device)
-        except (TypeError, ValueError, RuntimeError):
-            raise ValueError(f"alpha holds {alpha!r} ({type(alpha).__name__}), expected None or C = {num_classes} "
-                             "per-class weights") from None
-        if alpha_t.shape != (num_classes,):
-            raise ValueError(f"alpha must be None or a per-class sequence of length C = {num_classes}, "
-                             f"got shape {tuple(alpha_t.shape)}")
-        checks.check_values(alpha_t, ~(torch.isfinite(alpha_t) & (alpha_t >= 0)), "alpha", "finite weights >= 0")
-
-    def fn(z: Tensor, needs: tuple[bool, ...]) -> LossAndGrads:
-        loss, a_t, grad = _softmax_focal(z.to(dtype), target, alpha_t, gamma, ignore_index, label_smoothing, needs[0])
-        # F.cross_entropy gives NaN when everything is ignored; 0 is the useful answer here.
-        divisor = a_t.sum().clamp(min=torch.finfo(dtype).tiny) if reduction == "mean" else None
-        return reduce_loss_and_grad(loss, (grad,), reduction, divisor)
-
-    # "none" gives one loss per row: its upstream gradient is broadcast over the classes.
-    return saved_grad_loss(fn, logits, rowwise=reduction == "none")

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from . import checks
 from .autograd import LossAndGrads, reduce_loss_and_grad, saved_grad_loss
+from .focal import _binary_cross_entropy, _limit_product
 
 __all__ = ["quality_focal_loss", "varifocal_loss"]
 
@@ -43,13 +44,14 @@ def _qfl_terms(z: Tensor, y: Tensor | float, beta: float, need_grad: bool) -> tu
     else:
         d = p - y if y < 0.5 else (1 - y) - p_neg
     abs_d = d.abs()
-    bce = y * F.softplus(-z) + (1 - y) * F.softplus(z)
+    bce = _binary_cross_entropy(z, y)
     weight = abs_d.pow(beta)
     loss = weight * bce
     if not need_grad:
         return loss, None
-    ratio = torch.where(abs_d > 0, p * p_neg / abs_d, torch.zeros_like(abs_d))
-    grad = weight * (d + beta * torch.sign(d) * ratio * bce)
+    # The safe denominator keeps a second derivative (create_graph) finite at d = 0.
+    ratio = torch.where(abs_d > 0, p * p_neg / torch.where(abs_d > 0, abs_d, 1), 0)
+    grad = weight * (d + beta * torch.sign(d) * _limit_product(ratio, bce))  # ratio -> 0 at an infinite logit
     return loss, grad
 
 
@@ -165,21 +167,24 @@ def varifocal_loss(
     checks.check_no_grad(targets, "targets", "varifocal_loss")
     checks.check_unit_interval(targets, "targets")
     dtype = checks.compute_dtype(logits)
-    q = targets.to(dtype)
-    positive = q > 0
 
-    def fn(z: Tensor, needs: tuple[bool, ...]) -> LossAndGrads:
+    # The targets go in as an input, not a closure variable: the saved-gradient Function keeps
+    # its function until backward, and a logits-sized tensor captured there would stay alive.
+    def fn(z: Tensor, q: Tensor, needs: tuple[bool, ...]) -> LossAndGrads:
         z = z.to(dtype)
+        q = q.to(dtype)
+        positive = q > 0
         p = torch.sigmoid(z)
         sp_neg = F.softplus(z)  # -log(1 - p)
-        bce = q * F.softplus(-z) + (1 - q) * sp_neg
+        bce = _binary_cross_entropy(z, q)
         weight_pos = q if iou_weighted else torch.ones_like(q)
         weight_neg = alpha * p.pow(gamma)
-        loss = torch.where(positive, weight_pos * bce, weight_neg * sp_neg)
+        # _limit_product: at an infinite logit, 0 * inf has the limit 0 (alpha = 0, 1 - p = 0).
+        loss = torch.where(positive, weight_pos * bce, _limit_product(weight_neg, sp_neg))
         grad = None
         if needs[0]:
-            grad_neg = weight_neg * (gamma * torch.sigmoid(-z) * sp_neg + p)
+            grad_neg = weight_neg * (gamma * _limit_product(torch.sigmoid(-z), sp_neg) + p)
             grad = torch.where(positive, weight_pos * (p - q), grad_neg)
-        return reduce_loss_and_grad(loss, (grad,), reduction)
+        return reduce_loss_and_grad(loss, (grad, None), reduction)
 
-    return saved_grad_loss(fn, logits)
+    return saved_grad_loss(fn, logits, targets)

@@ -30,15 +30,13 @@ __all__ = ["LastLevelP6P7Fp32", "resolve_backbone_weights"]
 class LastLevelP6P7Fp32(LastLevelP6P7):
     """torchvision's ``LastLevelP6P7`` (P6 = conv(P5), P7 = conv(relu(P6))), computed in fp32.
 
-    oneDNN's bf16 3x3 stride-2 convolution returns non-finite gradients on a 1x1 input
-    (19 of 20 trials with channels_last on an AVX-512-BF16 CPU). In RetinaNet that is the
+    oneDNN's bf16 3x3 stride-2 convolution can return non-finite gradients on a 1x1 input
+    (seen with channels_last on an AVX-512-BF16 CPU). In RetinaNet that is the
     P6 -> P7 conv whenever the image is 64 px or smaller. So both convs run with autocast
     off, on fp32 contiguous (NCHW) input and weights, whatever the map size: converting
     only maps with a side <= 2 was the slower choice, since bf16 convs are emulated on
-    CPUs without AVX-512-BF16 (AMD EPYC, AVX2, 1 thread, R18 FPN, batch 2, forward and
-    backward of this block, median of 5: 4.7-8.4 ms always fp32 against 15-18 ms at
-    128 px input, 34-40 ms against 481-502 ms at 800 px), and on a GPU these two small
-    convs are a negligible share of the step. Under autocast P6 and P7 come out fp32 (the
+    CPUs without AVX-512-BF16 (figures on the docs' benchmarks page), and on a GPU these two
+    small convs are a negligible share of the step. Under autocast P6 and P7 come out fp32 (the
     head's convs cast them as usual); without autocast they come out in the input's dtype.
 
     Only ``forward`` changes: the modules (``p6``, ``p7``), their initialisation,
@@ -88,6 +86,8 @@ def resolve_backbone_weights(backbone: str, weights: str | os.PathLike | Weights
         text = str(weights)
         if isinstance(weights, os.PathLike) or text.endswith((".pth", ".pt")) or os.sep in text:
             path = Path(text).expanduser()
+            if path.is_dir():
+                raise ValueError(f"weights_backbone: {str(path)!r} is a folder, expected a .pth state dict file")
             if not path.is_file():
                 raise FileNotFoundError(f"weights_backbone: no checkpoint file at {str(path)!r}")
             return path
@@ -108,9 +108,25 @@ def _classifier(name: str, weights: WeightsEnum | Path | None, **kwargs: Any) ->
     """The torchvision classification network, with pretrained weights from the zoo or a file."""
     net = torchvision.models.get_model(name, weights=weights if isinstance(weights, WeightsEnum) else None, **kwargs)
     if isinstance(weights, Path):
-        state_dict = torch.load(weights, map_location="cpu", weights_only=True)
+        try:
+            state_dict = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ... by cause
+            raise ValueError(f"weights_backbone={str(weights)!r} cannot be read with weights_only=True: "
+                             f"{' '.join(str(exc).split())[:200]}") from None
         if isinstance(state_dict, Mapping) and isinstance(state_dict.get("model"), Mapping):
             state_dict = state_dict["model"]
+        if not isinstance(state_dict, Mapping) or not all(torch.is_tensor(value) for value in state_dict.values()):
+            raise ValueError(f"weights_backbone={str(weights)!r} holds a {type(state_dict).__name__} that is not a "
+                             f"state dict (parameter name -> tensor) of {name}")
+        own = net.state_dict()
+        # The classifier (fc / classifier) is dropped by the FPN extractor: another class count does not matter.
+        state_dict = {key: value for key, value in state_dict.items() if not (
+            key.startswith(("fc.", "classifier.")) and key in own and value.shape != own[key].shape)}
+        reshaped = [f"{key} {tuple(value.shape)} vs {tuple(own[key].shape)}" for key, value in state_dict.items()
+                    if key in own and value.shape != own[key].shape]
+        if reshaped:  # load_state_dict would raise a RuntimeError listing every one
+            raise ValueError(f"weights_backbone={str(weights)!r} is not a {name} state dict: {len(reshaped)} "
+                             f"tensors have another shape (file vs {name}), e.g. {', '.join(reshaped[:3])}")
         result = net.load_state_dict(state_dict, strict=False)
         # The classifier (fc / classifier) is dropped by the FPN extractor, so it may be absent.
         missing = [key for key in result.missing_keys if not key.startswith(("fc.", "classifier."))]

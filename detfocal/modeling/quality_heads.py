@@ -11,7 +11,7 @@ predictions, so it cannot compute the IoU itself. The detector computes it with
 :func:`detfocal.modeling.retinanet.retinanet_head_loss` does exactly that for heads that
 declare ``needs_box_quality = True``, and plain ``RetinaNetHead.compute_loss`` for the others.
 
-Label convention, as in :mod:`detfocal.modeling.heads`: ``num_classes`` (= C) foreground classes,
+Label convention, as in :mod:`detfocal.modeling.head_loss`: ``num_classes`` (= C) foreground classes,
 labels in [0, C), C is background and -1 is ignored.
 """
 from __future__ import annotations
@@ -22,11 +22,13 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .heads import IGNORE_LABEL, FocalClassificationHead, ReduceLike, normalize_by_foreground, stack_matched_idxs
 from detfocal.losses import checks, quality_focal_loss, varifocal_loss
 from detfocal.utils._compat import BoxCoder
 from detfocal.utils.box_ops import aligned_box_iou
 from detfocal.utils.registry import HEADS
+
+from .head_loss import IGNORE_LABEL, ReduceLike, normalize_by_foreground, stack_matched_idxs
+from .heads import FocalClassificationHead
 
 __all__ = ["QualityFocalClassificationHead", "VarifocalClassificationHead", "box_quality_targets"]
 
@@ -68,7 +70,7 @@ def box_quality_targets(
             [-2, M_i).
 
     Example:
-        >>>         >>> anchors = [torch.tensor([[0.0, 0.0, 10.0, 10.0], [50.0, 50.0, 60.0, 60.0]])]
+        >>> anchors = [torch.tensor([[0.0, 0.0, 10.0, 10.0], [50.0, 50.0, 60.0, 60.0]])]
         >>> targets = [{"boxes": torch.tensor([[0.0, 0.0, 10.0, 20.0]])}]
         >>> box_quality_targets(anchors, torch.zeros(1, 2, 4), targets, [torch.tensor([0, -1])],
         ...                     BoxCoder((1.0, 1.0, 1.0, 1.0)))
@@ -130,7 +132,7 @@ class _BoxQualityHead(FocalClassificationHead, ABC):
                      matched_idxs: list[Tensor], quality: Tensor | None = None) -> Tensor:
         """The classification loss, with torchvision's signature plus the IoU targets.
 
-        Normalised as :func:`~detfocal.modeling.heads.focal_head_loss` with "batch" (GFL's and
+        Normalised as :func:`~detfocal.modeling.head_loss.focal_head_loss` with "batch" (GFL's and
         VarifocalNet's ``avg_factor``): the batch sum divided by max(1, positive anchors),
         the count all-reduced as ``self.reduce`` says.
 

@@ -15,7 +15,7 @@ from torch import Tensor
 # imports them from here (torchvision.models.detection._utils, unchanged 0.8-0.29).
 from torchvision.models.detection._utils import BoxCoder, Matcher  # noqa: F401
 
-__all__ = ["BoxCoder", "Matcher", "assert_async", "foreach_copy_", "foreach_lerp_", "graph_is_kept"]
+__all__ = ["BoxCoder", "Matcher", "assert_async", "foreach_copy_", "foreach_lerp_", "graph_is_kept", "tensor_version"]
 
 
 def assert_async(condition: Tensor, message: str) -> None:
@@ -45,3 +45,12 @@ def graph_is_kept() -> bool:
     """
     getter = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
     return True if getter is None else bool(getter())
+
+
+def tensor_version(x: Tensor) -> int:
+    """How many in-place changes ``x``'s storage has seen (``Tensor._version``, torch >= 1.0).
+
+    Autograd's own check that a saved tensor was not modified before backward; the loss uses
+    it for the inputs it recomputes from under ``create_graph``.
+    """
+    return x._version

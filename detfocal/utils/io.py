@@ -8,12 +8,14 @@ A crash or ``kill -9`` mid-write leaves the previous file intact and, at worst, 
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Sequence
 
 __all__ = ["append_jsonl", "atomic_write", "ensure_writable_dir", "read_jsonl", "remove_stale_temporaries",
            "write_json_atomic"]
@@ -60,10 +62,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], None], *, b
         The path written.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile("wb" if binary else "w", dir=path.parent, prefix=f".{path.name}.",
-                                         suffix=_TMP_SUFFIX, delete=False,
-                                         **({} if binary else {"encoding": "utf-8"}))
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, f"cannot write {path}: it is a folder, expected a file path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = tempfile.NamedTemporaryFile("wb" if binary else "w", dir=path.parent, prefix=f".{path.name}.",
+                                             suffix=_TMP_SUFFIX, delete=False,
+                                             **({} if binary else {"encoding": "utf-8"}))
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from None
     try:
         with handle:
             write(handle)
@@ -71,6 +78,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], None], *, b
             os.fsync(handle.fileno())
             os.chmod(handle.name, _file_mode(path))
         os.replace(handle.name, path)
+    except OSError as exc:  # disk full, quota, ulimit -f, read-only: name the file, not the temporary
+        Path(handle.name).unlink(missing_ok=True)
+        raise OSError(exc.errno, f"cannot write {path}: {exc.strerror or exc}"
+                                 f"{'; the previous file is intact' if path.exists() else ''}") from None
     except BaseException:
         Path(handle.name).unlink(missing_ok=True)
         raise
@@ -107,30 +118,30 @@ def write_json_atomic(path: str | os.PathLike, payload: Any) -> Path:
     return atomic_write(path, lambda handle: json.dump(payload, handle, separators=(",", ":")), binary=False)
 
 
-def remove_stale_temporaries(folder: str | os.PathLike, names: tuple[str, ...] | None = None) -> list[Path]:
-    """Delete the temporaries an interrupted :func:`atomic_write` left in ``folder``.
+def remove_stale_temporaries(folder: str | os.PathLike, names: Sequence[str]) -> list[Path]:
+    """Delete the temporaries an interrupted :func:`atomic_write` of ``names`` left in ``folder``.
 
-    Only call this where no other process is writing into ``folder`` (a run's own folder,
-    on rank 0, before training starts).
+    Only files of atomic_write's exact pattern (``.NAME.XXXXXXXX.tmp``, eight characters from
+    ``tempfile``) are touched: a user's own ``.notes.tmp`` stays. Call it only where no other
+    process writes into ``folder`` (a locked run folder).
 
     Args:
         folder: the folder to clean; a missing folder is fine.
-        names: only the temporaries of these destination names (e.g. ``("last.pth",)``);
-            None for all.
+        names: the destination names whose temporaries go, e.g. ``("last.pth",)``.
 
     Returns:
         The paths removed.
     """
     folder = Path(folder)
-    if not folder.is_dir():
+    if not folder.is_dir() or not names:
         return []
+    pattern = re.compile(r"\.(?:%s)\.[a-z0-9_]{8}%s" % ("|".join(re.escape(name) for name in names),
+                                                      re.escape(_TMP_SUFFIX)))
     removed = []
-    for candidate in folder.glob(f".*{_TMP_SUFFIX}"):
-        stem = candidate.name[1:]
-        if names is not None and not any(stem.startswith(f"{name}.") for name in names):
-            continue
-        candidate.unlink(missing_ok=True)
-        removed.append(candidate)
+    for candidate in folder.iterdir():
+        if pattern.fullmatch(candidate.name) and candidate.is_file():
+            candidate.unlink(missing_ok=True)
+            removed.append(candidate)
     return removed
 
 
@@ -140,8 +151,12 @@ def append_jsonl(path: str | os.PathLike, record: Any) -> None:
     One ``write`` of the whole line: a kill mid-append leaves at most a partial last line,
     which :func:`read_jsonl` skips.
     """
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
+    line = json.dumps({**record, "time": round(time.time(), 3)}) + "\n"
+    try:
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(line)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot append to {path}: {exc.strerror or exc}") from None
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -57,7 +57,6 @@ def setup_logging(level: int = logging.INFO) -> logging.Logger:
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(handler)
     logger.setLevel(level if _rank() == 0 else logging.WARNING)
-    logger.propagate = False  # the command owns the terminal: no duplicate lines through the root logger
     return logger
 
 

@@ -1,50 +1,12 @@
-"""Run logs: one JSON line per event in metrics.jsonl, TensorBoard events, and the COCO summary as
-pycocotools prints it."""
+"""The COCO summary as pycocotools prints it, with the per-class AP: what ``detfocal eval`` and
+``detfocal train`` print as their result."""
 from __future__ import annotations
 
-import json
-import time
-from pathlib import Path
 from typing import Any, Mapping
 
 from detfocal.evaluation.coco import STAT_NAMES
 
-
-def append_metrics(path: str | Path, record: Mapping[str, Any]) -> None:
-    """Append ``record`` as one JSON line (with a wall-clock ``time``) to ``path``."""
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
-
-
-def open_tensorboard(out_dir: str | Path, enabled: bool) -> Any:
-    """A ``SummaryWriter`` writing to ``out_dir/tensorboard``, or None when disabled.
-
-    Raises:
-        ValueError: enabled, but the ``tensorboard`` package is missing.
-    """
-    if not enabled:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ValueError("train.tensorboard: true needs the tensorboard package (pip install tensorboard), "
-                         "or set train.tensorboard=false") from None
-    return SummaryWriter(str(Path(out_dir) / "tensorboard"))
-
-
-def log_scalars(writer: Any, prefix: str, values: Mapping[str, Any], step: int) -> None:
-    """Write every finite number of ``values`` as ``prefix/name`` at ``step`` (no-op without a writer)."""
-    if writer is None:
-        return
-    for name, value in values.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
-            writer.add_scalar(f"{prefix}/{name}", value, step)
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl file, in order."""
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+__all__ = ["format_summary"]
 
 
 # pycocotools' summary lines, in the order of STAT_NAMES: (AP or AR, IoU range, area, max detections).
