@@ -14,6 +14,7 @@ import yaml
 from detfocal.config.errors import short, validate
 from detfocal.config.parsing import MAX_DEPTH, check_tree, parse_override_value, parse_yaml
 from detfocal.config.schema import Config
+from detfocal.configs import resolve_config_path
 
 __all__ = ["apply_overrides", "config_from_dict", "config_to_dict", "config_to_yaml", "deep_merge", "import_modules",
            "load_config", "load_yaml_tree"]
@@ -136,7 +137,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
         >>> cfg.train.lr
         0.02
     """
-    return config_from_dict(load_yaml_tree(path), overrides, allow_imports=True)
+    return config_from_dict(load_yaml_tree(resolve_config_path(path)), overrides, allow_imports=True)
 
 
 def config_from_dict(tree: Mapping[str, Any], overrides: Sequence[str] = (), *, allow_imports: bool = False) -> Config:

@@ -39,7 +39,7 @@ MAX_STAGES = 16                # backbone stages; each backbone checks its own r
 MAX_ITEMS = 16                 # anchor levels, sizes per level, aspect ratios
 MAX_SHAPES_IMAGES = 100_000    # per split of the generated shapes set: about 2 GB at 128 px
 MAX_SHAPES_OBJECTS = 100
-GN_GROUPS = 32                 # the head's GroupNorm (modeling.retinanet.HEAD_NORMS["gn"])
+GN_GROUPS = 32                 # the head's GroupNorm (modeling.retinanet_head.HEAD_NORMS["gn"])
 P7_STRIDE = 128                # images of at most this many pixels a side give a 1x1 P7 map
 DEFAULT_SHAPES_ROOT = "data/shapes"
 
