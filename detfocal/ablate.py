@@ -125,16 +125,22 @@ def table1(rows: list[dict[str, Any]], keys: list[str]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``detfocal ablate`` parser (standard library only)."""
     parser = argparse.ArgumentParser(prog="detfocal ablate", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("config")
+    parser.add_argument("config", help="YAML config or the name of a shipped one, e.g. shapes_retinanet_r18")
     parser.add_argument("--grid", nargs="+", required=True, metavar="KEY=V1,V2",
                         help="values to sweep; gamma, alpha and normalization mean model.head.*")
     parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="overrides applied to every run (e.g. train.epochs=3)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: runs/ablate_<config name>)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``detfocal ablate``: train every grid point, then write table.md, ablation.json and ablation.png."""
+    args = build_parser().parse_args(argv)
     from detfocal.evaluation.plots import plot_ablation
 
     grid = parse_grid(args.grid)
