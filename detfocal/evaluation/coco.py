@@ -1,170 +1,46 @@
-"""COCO box evaluation: an evaluator fed by the model, results files, per-class tables.
+"""COCO box evaluation: an evaluator fed by the model, and the evaluation of a results file.
 
-Two interchangeable backends compute the same numbers: pycocotools, the reference, and
-faster-coco-eval, which reimplements COCOeval's matching and accumulation in C++
-(tests/test_evaluation.py checks that the stats, the per-class AP and the precision array
-agree to 1e-9).
+Two interchangeable backends compute the same numbers (:mod:`.backends`): pycocotools, the
+reference, and faster-coco-eval, which reimplements COCOeval's matching and accumulation
+in C++. Results files are checked in :mod:`.results`; the per-class table and CSV are in
+:mod:`.per_class`.
 """
 from __future__ import annotations
 
 import contextlib
-import csv
-import functools
 import io
-import json
 import logging
-import math
-import numbers
-import os
-import sys
-import warnings
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
-from detfocal.data.subset import load_coco_annotations
-from detfocal.utils.io import atomic_write, write_json_atomic
+from .backends import (BACKENDS, CocoSource, backend_classes, load_coco, load_detections, quiet,
+                       resolve_backend)
+from .per_class import PER_CLASS_COLUMNS, class_precision, per_class_table, write_per_class_csv
+from .results import load_results
+from detfocal.utils.io import write_json_atomic
+
+# Also importable from here, where they lived before backends.py, per_class.py and results.py.
+__all__ = ["BACKENDS", "PER_CLASS_COLUMNS", "STAT_NAMES", "CocoEvaluator", "CocoSource", "evaluate_results",
+           "load_coco", "per_class_table", "resolve_backend", "write_per_class_csv"]
 
 # Names of COCOeval.stats, in pycocotools' order. -1.0 means "no ground truth in that area range".
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
-# The values of eval.backend; "auto" is faster_coco_eval when it imports, else pycocotools.
-BACKENDS = ("auto", "pycocotools", "faster_coco_eval")
-# The columns of per_class.csv.
-PER_CLASS_COLUMNS = ("class", "AP", "AP50", "AP75", "num_gt", "num_detections")
-
-# Ground truth: a COCO object of either backend, a json path or a COCO dict.
-CocoSource = COCO | str | Path | Mapping[str, Any]
 
 logger = logging.getLogger(__name__)
-
-
-def _quiet() -> contextlib.AbstractContextManager:
-    """pycocotools prints progress on stdout; keep it out of the logs."""
-    return contextlib.redirect_stdout(io.StringIO())
-
-
-def _to_stdout(*args: Any) -> None:
-    """faster-coco-eval's print_function (its default is its own logger): the current stdout, where
-    _quiet() catches it as it catches pycocotools' output. Not ``print`` itself: given ``print``,
-    COCOeval rebinds the COCO objects' output too."""
-    sys.stdout.write(" ".join(map(str, args)) + "\n")
-
-
-def resolve_backend(backend: str = "auto") -> str:
-    """The backend that ``backend`` runs: "pycocotools" or "faster_coco_eval".
-
-    Args:
-        backend: one of :data:`BACKENDS`; "auto" is faster_coco_eval when it imports, else
-            pycocotools (with a warning, once).
-
-    Returns:
-        "pycocotools" or "faster_coco_eval".
-
-    Raises:
-        ValueError: ``backend`` is unknown, or is "faster_coco_eval" and that is not installed.
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"eval.backend: unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
-    if backend == "pycocotools":
-        return backend
-    try:
-        import faster_coco_eval  # noqa: F401
-    except ImportError as exc:
-        if backend == "faster_coco_eval":
-            raise ValueError(f"eval.backend: faster_coco_eval cannot be imported ({exc}); "
-                             f"pip install faster-coco-eval, or set eval.backend=pycocotools") from None
-        warnings.warn(f"eval.backend=auto: faster_coco_eval cannot be imported ({exc}); evaluating with "
-                      f"pycocotools (same numbers, slower). pip install faster-coco-eval", stacklevel=2)
-        return "pycocotools"
-    return "faster_coco_eval"
-
-
-def _backend_classes(backend: str) -> tuple[type, Callable[..., Any]]:
-    """(COCO class, COCOeval constructor) of a resolved backend."""
-    if backend == "faster_coco_eval":
-        from faster_coco_eval import COCO as FasterCOCO
-        from faster_coco_eval import COCOeval_faster
-
-        return FasterCOCO, functools.partial(COCOeval_faster, print_function=_to_stdout)
-    return COCO, COCOeval
-
-
-def load_coco(coco_gt: CocoSource, backend: str = "auto") -> Any:
-    """Return a COCO object of the backend for a COCO object, a json path or a COCO dict.
-
-    A COCO object of the other backend is re-indexed over the same ``dataset`` dict (not a
-    copy). Paths and dicts are validated; COCO objects are taken as they are.
-
-    Args:
-        coco_gt: the ground truth.
-        backend: one of :data:`BACKENDS`.
-
-    Returns:
-        A ``pycocotools.coco.COCO`` or a ``faster_coco_eval.COCO``.
-
-    Raises:
-        FileNotFoundError: the path does not exist.
-        ValueError: the annotations are malformed, or the backend is unknown or not installed.
-    """
-    coco_class, _ = _backend_classes(resolve_backend(backend))
-    if isinstance(coco_gt, coco_class):
-        return coco_gt
-    coco = coco_class()
-    # Both backends' COCO objects have loadRes; paths and dicts do not.
-    coco.dataset = coco_gt.dataset if hasattr(coco_gt, "loadRes") else load_coco_annotations(coco_gt)
-    with _quiet():
-        coco.createIndex()
-    return coco
-
-
-def _load_detections(coco_gt: Any, results: list[dict[str, Any]]) -> Any:
-    """``coco_gt.loadRes(results)``, also for zero detections (pycocotools' loadRes indexes results[0])."""
-    unknown_images = {r["image_id"] for r in results} - set(coco_gt.getImgIds())
-    if unknown_images:
-        raise ValueError(f"results: {len(unknown_images)} image ids are not in the ground truth, "
-                         f"e.g. {sorted(unknown_images)[:5]}")
-    unknown_categories = {r["category_id"] for r in results} - set(coco_gt.getCatIds())
-    if unknown_categories:
-        raise ValueError(f"results: category ids {sorted(unknown_categories)[:10]} are not in the ground truth "
-                         f"(known: {coco_gt.getCatIds()}); is a contiguous label being used as a category id?")
-    if results:
-        with _quiet():
-            return coco_gt.loadRes(results)
-    empty = type(coco_gt)()
-    empty.dataset = {"images": list(coco_gt.dataset["images"]), "categories": list(coco_gt.dataset["categories"]),
-                     "annotations": []}
-    with _quiet():
-        empty.createIndex()
-    return empty
-
-
-def _class_precision(coco_eval: Any, k: int, iou: float | None = None) -> float:
-    """AP of the k-th category (area all, 100 detections) over IoU 0.50:0.95, or at IoU ``iou``.
-
-    -1.0 for a category without ground truth.
-    """
-    # precision: (iou thresholds, recall thresholds, categories, area ranges, max dets);
-    # area index 0 is "all", max-dets index -1 is 100, as in the AP stat.
-    values = coco_eval.eval["precision"][:, :, k, 0, -1]
-    if iou is not None:
-        values = values[int(np.argmin(np.abs(coco_eval.params.iouThrs - iou)))]
-    values = values[values > -1]
-    return float(values.mean()) if values.size else -1.0
 
 
 def _run_cocoeval(coco_gt: Any, coco_dt: Any, img_ids: Sequence[int] | None, verbose: bool,
                   backend: str) -> tuple[Any, dict[str, Any]]:
     """Evaluate boxes; return the COCOeval (for its precision array) and the summary dict."""
-    _, make_cocoeval = _backend_classes(backend)
+    _, make_cocoeval = backend_classes(backend)
     coco_eval = make_cocoeval(coco_gt, coco_dt, iouType="bbox")
     if img_ids is not None:
         coco_eval.params.imgIds = sorted(img_ids)
-    with _quiet():
+    with quiet():
         coco_eval.evaluate()
         coco_eval.accumulate()
     table = io.StringIO()
@@ -174,7 +50,7 @@ def _run_cocoeval(coco_gt: Any, coco_dt: Any, img_ids: Sequence[int] | None, ver
         logger.info("%s", table.getvalue().rstrip("\n"))
     # faster-coco-eval appends more stats after the 12 of pycocotools; zip keeps those 12.
     summary: dict[str, Any] = {name: float(value) for name, value in zip(STAT_NAMES, coco_eval.stats)}
-    summary["per_class"] = {coco_gt.cats[int(category_id)]["name"]: _class_precision(coco_eval, k)
+    summary["per_class"] = {coco_gt.cats[int(category_id)]["name"]: class_precision(coco_eval, k)
                             for k, category_id in enumerate(coco_eval.params.catIds)}
     return coco_eval, summary
 
@@ -302,7 +178,7 @@ class CocoEvaluator:
             truth has no box of that area range (pycocotools' convention), and a class's AP is
             -1.0 when it has no ground-truth box. With no predictions every other stat is 0.0.
         """
-        coco_dt = _load_detections(self.coco_gt, self.results())
+        coco_dt = load_detections(self.coco_gt, self.results())
         self.coco_eval, self.summary = _run_cocoeval(self.coco_gt, coco_dt, self.img_ids, verbose,
                                                      self.backend)
         return self.summary
@@ -335,121 +211,6 @@ def evaluate_results(gt_json: CocoSource, results_json: str | Path | list[dict[s
     """
     backend = resolve_backend(backend)
     coco_gt = load_coco(gt_json, backend)
-    if isinstance(results_json, (str, os.PathLike)):
-        if not Path(results_json).is_file():
-            raise FileNotFoundError(f"results_json: {results_json} does not exist")
-        try:
-            with open(results_json, "r", encoding="utf-8") as handle:
-                results = json.load(handle)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-            raise ValueError(f"results_json: {results_json} is not valid UTF-8 json "
-                             f"({type(exc).__name__}: {exc})") from None
-        if not isinstance(results, list):
-            raise ValueError(f"results_json: {results_json} holds a {type(results).__name__}, "
-                             f"expected a list of detections")
-    elif not isinstance(results_json, list):
-        raise ValueError(f"results_json: expected a list of detections or the path of a json holding one, "
-                         f"got a {type(results_json).__name__}")
-    else:
-        results = results_json
-    # Copies: loadRes adds keys to each detection, and the caller's dicts stay as they were.
-    results = [_checked_detection(index, result) for index, result in enumerate(results)]
-    _, summary = _run_cocoeval(coco_gt, _load_detections(coco_gt, results), None, verbose, backend)
+    results = load_results(results_json)
+    _, summary = _run_cocoeval(coco_gt, load_detections(coco_gt, results), None, verbose, backend)
     return summary
-
-
-def _is_integer(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_finite(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _checked_detection(index: int, result: Any) -> dict[str, Any]:
-    """A copy of one COCO results entry with plain ints and floats, or a ValueError saying what is wrong.
-
-    Both backends would otherwise fail inside ``loadRes`` (or in C++) with a message that names
-    neither the detection nor the field.
-    """
-    if not isinstance(result, Mapping):
-        raise ValueError(f"results_json: detection {index} is a {type(result).__name__} ({result!r:.60}), "
-                         f"expected a dict with image_id, category_id, bbox and score")
-    missing = [key for key in ("image_id", "category_id", "bbox", "score") if key not in result]
-    if missing:
-        raise ValueError(f"results_json: detection {index} has no {missing}")
-    for key in ("image_id", "category_id"):
-        if not _is_integer(result[key]):
-            raise ValueError(f"results_json: detection {index} has {key} {result[key]!r:.60}, expected an int")
-    bbox = result["bbox"]
-    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(map(_is_finite, bbox)):
-        raise ValueError(f"results_json: detection {index} has bbox {bbox!r:.100}, "
-                         f"expected [x, y, w, h], four finite numbers")
-    if not _is_finite(result["score"]):
-        raise ValueError(f"results_json: detection {index} has score {result['score']!r:.60}, "
-                         f"expected a finite number")
-    return {**result, "image_id": int(result["image_id"]), "category_id": int(result["category_id"]),
-            "bbox": [float(value) for value in bbox], "score": float(result["score"])}
-
-
-def per_class_table(evaluator: CocoEvaluator) -> list[dict[str, Any]]:
-    """One row per ground-truth category: its AP, AP50, AP75 and box counts in the evaluated images.
-
-    The evaluator is summarized now if it has not been.
-
-    Args:
-        evaluator: a CocoEvaluator.
-
-    Returns:
-        ``[{"class": name, "AP", "AP50", "AP75": float, "num_gt", "num_detections": int}]`` in
-        category-id order. AP is over IoU 0.50:0.95 (area all, 100 detections per image), as
-        in ``summarize()["per_class"]``, and -1.0 for a class without ground truth. ``num_gt``
-        counts non-crowd ground-truth boxes (crowd boxes are ignored by the matching);
-        ``num_detections`` counts every detection, before the 100-per-image cap.
-    """
-    if evaluator.coco_eval is None:
-        evaluator.summarize()
-    coco_eval = evaluator.coco_eval
-    evaluated = {int(image_id) for image_id in coco_eval.params.imgIds}
-    num_gt: dict[int, int] = {}
-    for ann in coco_eval.cocoGt.dataset["annotations"]:
-        if ann["image_id"] in evaluated and not ann.get("iscrowd", 0):
-            num_gt[ann["category_id"]] = num_gt.get(ann["category_id"], 0) + 1
-    num_detections: dict[int, int] = {}
-    for ann in coco_eval.cocoDt.dataset["annotations"]:
-        if ann["image_id"] in evaluated:
-            num_detections[ann["category_id"]] = num_detections.get(ann["category_id"], 0) + 1
-    rows = []
-    for k, category_id in enumerate(int(c) for c in coco_eval.params.catIds):
-        rows.append({"class": coco_eval.cocoGt.cats[category_id]["name"], "AP": _class_precision(coco_eval, k),
-                     "AP50": _class_precision(coco_eval, k, 0.5), "AP75": _class_precision(coco_eval, k, 0.75),
-                     "num_gt": num_gt.get(category_id, 0), "num_detections": num_detections.get(category_id, 0)})
-    return rows
-
-
-def write_per_class_csv(evaluator: CocoEvaluator, path: str | Path) -> Path:
-    """Write :func:`per_class_table` as a CSV (atomically), with the columns of :data:`PER_CLASS_COLUMNS`.
-
-    AP values have 4 decimals; a class without ground truth has empty AP cells (and num_gt 0),
-    so spreadsheets leave it out of averages.
-
-    Args:
-        evaluator: a CocoEvaluator, summarized now if it has not been.
-        path: the output file, e.g. ``run/per_class.csv``; parent folders are created.
-
-    Returns:
-        The path written.
-
-    Example:
-        >>> write_per_class_csv(evaluator, "runs/demo/per_class.csv")
-    """
-    rows = per_class_table(evaluator)
-
-    def write(handle: Any) -> None:
-        writer = csv.DictWriter(handle, PER_CLASS_COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**row, **{name: "" if row[name] < 0 else f"{row[name]:.4f}"
-                                       for name in ("AP", "AP50", "AP75")}})
-
-    return atomic_write(path, write, binary=False)

@@ -6,9 +6,9 @@
   Detector".
 
 Both train the classification score of the labelled class towards a soft target, the box's
-IoU, rather than 1. Conventions and argument checks are those of
-:mod:`detfocal.losses.family`: ``[..., C]`` inputs, math in fp32 (fp64 stays fp64),
-"none"/"sum"/"mean" reductions and finite gradients at saturated inputs.
+IoU, rather than 1. Conventions are those of :mod:`detfocal.losses.focal`, with its
+argument checks (:mod:`detfocal.losses.checks`): ``[..., C]`` inputs, math in fp32 (fp64
+stays fp64), "none"/"sum"/"mean" reductions and finite gradients at saturated inputs.
 """
 from __future__ import annotations
 

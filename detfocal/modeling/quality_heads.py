@@ -8,7 +8,7 @@ loss: the same convs, ``forward``, state_dict keys and initialisation.
 Why a ``quality`` argument: a classification head never sees the anchors nor the box
 predictions, so it cannot compute the IoU itself. The detector computes it with
 :func:`box_quality_targets` and passes it to ``compute_loss(..., quality=...)``;
-:func:`detfocal.modeling.retinanet.retinanet_head_loss` does exactly that for heads that
+:func:`detfocal.modeling.retinanet_head.retinanet_head_loss` does exactly that for heads that
 declare ``needs_box_quality = True``, and plain ``RetinaNetHead.compute_loss`` for the others.
 
 Label convention, as in :mod:`detfocal.modeling.head_loss`: ``num_classes`` (= C) foreground classes,
@@ -148,8 +148,8 @@ class _BoxQualityHead(FocalClassificationHead, ABC):
 
         Raises:
             ValueError: a missing ``quality`` (the detector did not pass it: use
-                :func:`~detfocal.modeling.retinanet.retinanet_head_loss`), ``quality`` not ``[B, N]`` floats or outside
-                [0, 1], or the checks of ``FocalClassificationHead.compute_loss``.
+                :func:`~detfocal.modeling.retinanet_head.retinanet_head_loss`), ``quality`` not ``[B, N]`` floats or
+                outside [0, 1], or the checks of ``FocalClassificationHead.compute_loss``.
         """
         cls_logits = head_outputs["cls_logits"]
         labels = self.labels_for_loss(targets, cls_logits, matched_idxs)
@@ -201,7 +201,7 @@ class QualityFocalClassificationHead(_BoxQualityHead):
         >>> from detfocal.modeling.retinanet import build_retinanet
         >>> model = build_retinanet(3, "resnet18", fpn_channels=64, min_size=128, max_size=128,
         ...                         head={"type": "qfl", "beta": 2.0})
-        >>> # training needs a detector that passes quality=, see retinanet.retinanet_head_loss.
+        >>> # training needs a detector that passes quality=, see retinanet_head.retinanet_head_loss.
     """
 
     def __init__(self, in_channels: int, num_anchors: int, num_classes: int, prior_probability: float = 0.01,

@@ -1,138 +1,44 @@
-"""RetinaNet with detfocal's head: builders, backbones and conversion (matching: :mod:`.matching`).
+"""RetinaNet with detfocal's head: the detector, its builder and the converter of torchvision's.
 
 :class:`FocalRetinaNet` is torchvision's ``RetinaNet`` with one method overridden,
 ``compute_loss``, because the crowd rule needs the anchors, which torchvision's heads
-never see. It matches all the images of a batch at once, without host syncs. Its anchors
-come from :class:`CachedAnchorGenerator`, torchvision's generator computing the anchors of
-each batch shape once. Everything else (transform, backbone, post-processing, state_dict
-keys) is torchvision's own.
+never see. It matches all the images of a batch at once, without host syncs (matching:
+:mod:`.matching`). Its anchors come from :class:`~detfocal.modeling.anchors.CachedAnchorGenerator`,
+torchvision's generator computing the anchors of each batch shape once (:mod:`.anchors`); its
+head is assembled, and its loss computed, in :mod:`.retinanet_head`. Everything else
+(transform, backbone, post-processing, state_dict keys) is torchvision's own.
+
+:func:`build_retinanet` builds one from config values, :func:`convert_retinanet` from an
+existing torchvision RetinaNet.
 """
 from __future__ import annotations
 
-import inspect
 import os
-from collections import OrderedDict
-from functools import partial
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 from torchvision.models import WeightsEnum
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.retinanet import RetinaNetHead
-from torchvision.ops import FrozenBatchNorm2d
 
+from .anchors import NUM_LEVELS, CachedAnchorGenerator, build_anchor_generator, default_anchor_sizes
 from .backbones import resolve_backbone_weights
 from .heads import FocalClassificationHead
 from .matching import match_anchors, match_anchors_batched, split_crowd
-from .quality_heads import box_quality_targets
-from detfocal.utils._compat import BoxCoder, Matcher
-from detfocal.utils.registry import BACKBONES, DETECTORS, HEADS
+from .retinanet_head import HEAD_NORMS, build_retinanet_head, infer_norm_layer, retinanet_head_loss
+from detfocal.utils._compat import Matcher
+from detfocal.utils.registry import BACKBONES, DETECTORS
 
-__all__ = ["CachedAnchorGenerator", "FocalRetinaNet", "build_retinanet", "convert_retinanet", "default_anchor_sizes",
-           "resolve_backbone_weights", "retinanet_head_loss"]
+# Also importable from here, where they lived before anchors.py and retinanet_head.py.
+__all__ = ["HEAD_NORMS", "CachedAnchorGenerator", "FocalRetinaNet", "build_retinanet", "convert_retinanet",
+           "default_anchor_sizes", "infer_norm_layer", "resolve_backbone_weights", "retinanet_head_loss"]
 
-NUM_LEVELS = 5  # P3-P7
-# The head's "norm" option; GroupNorm(32) as torchvision's RetinaNet v2 and detectron2.
-HEAD_NORMS: dict[str, Callable[..., nn.Module] | None] = {"none": None, "gn": partial(nn.GroupNorm, 32),
-                                                          "bn": nn.BatchNorm2d}
 # Most IoU entries (images x boxes x anchors) matched in one batched call, ~16 MB per fp32
 # temporary: the demo's batch (8 x 6 x 1023) fits many times over; a COCO image (120k
 # anchors) is matched on its own, as torchvision does, where the loop costs nothing.
 MATCH_BATCH_ELEMENTS = 2 ** 22
-
-
-# --------------------------------------------------------------------------------------
-# Anchors.
-# --------------------------------------------------------------------------------------
-class CachedAnchorGenerator(AnchorGenerator):
-    """torchvision's ``AnchorGenerator``, computing the anchors of each batch shape once.
-
-    Anchors depend only on the padded batch size, the feature map sizes, dtype and device,
-    yet torchvision rebuilds them at every forward (~50 small ops). This keeps the last
-    ``max_entries`` results in a plain dict (no buffer: the state_dict stays empty, as
-    torchvision's) and gives every image of a batch the same ``[N, 4]`` tensor, so callers
-    must not modify anchors in place (torchvision's RetinaNet does not). Traced and
-    scripted forwards (the ONNX export) compute them as torchvision does, which keeps the
-    image size dynamic in the graph. ``sizes`` and ``aspect_ratios`` are read once: build
-    a new generator to change them.
-
-    Args:
-        sizes, aspect_ratios: as ``AnchorGenerator``.
-        max_entries: batch shapes remembered (least recently used dropped first), >= 1.
-
-    Raises:
-        ValueError: ``max_entries`` below 1.
-    """
-
-    def __init__(self, sizes: Sequence[Sequence[int]], aspect_ratios: Sequence[Sequence[float]],
-                 max_entries: int = 8) -> None:
-        if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
-            raise ValueError(f"max_entries must be an integer >= 1, got {max_entries!r}")
-        super().__init__(sizes, aspect_ratios)
-        self.max_entries = max_entries
-        self._cache: OrderedDict[tuple[Any, ...], Tensor] = OrderedDict()
-
-    def forward(self, image_list: ImageList, feature_maps: list[Tensor]) -> list[Tensor]:
-        num_images = len(image_list.image_sizes)
-        if torch.jit.is_tracing() or torch.jit.is_scripting() or num_images == 0:
-            return super().forward(image_list, feature_maps)
-        # Inference mode is part of the key: its tensors cannot be saved for a later backward.
-        key = (tuple(image_list.tensors.shape[-2:]), tuple(tuple(f.shape[-2:]) for f in feature_maps),
-               feature_maps[0].dtype, feature_maps[0].device, torch.is_inference_mode_enabled())
-        anchors = self._cache.get(key)
-        if anchors is None:
-            first = ImageList(image_list.tensors[:1], image_list.image_sizes[:1])  # only shapes matter
-            anchors = self._cache[key] = super().forward(first, feature_maps)[0]
-            if len(self._cache) > self.max_entries:
-                self._cache.popitem(last=False)
-        self._cache.move_to_end(key)
-        return [anchors] * num_images
-
-
-def retinanet_head_loss(
-    head: RetinaNetHead,
-    targets: list[dict[str, Tensor]],
-    head_outputs: dict[str, Tensor],
-    anchors: list[Tensor],
-    matched_idxs: list[Tensor],
-    box_coder: BoxCoder,
-) -> dict[str, Tensor]:
-    """``head.compute_loss``, plus the IoU targets for a classification head that needs them.
-
-    A classification head with ``needs_box_quality = True`` (the QFL and VFL heads of
-    :mod:`detfocal.modeling.quality_heads`) gets ``quality=box_quality_targets(...)``; any
-    other head goes through torchvision's ``RetinaNetHead.compute_loss`` unchanged. Call
-    it from a detector's ``compute_loss`` after matching, where anchors, box deltas and
-    matched boxes are all at hand.
-
-    Args:
-        head: torchvision's ``RetinaNetHead`` (``classification_head``, ``regression_head``),
-            or any module with its ``compute_loss``.
-        targets: one dict per image with ``boxes`` and ``labels`` (crowd boxes removed).
-        head_outputs: ``{"cls_logits": [B, N, C], "bbox_regression": [B, N, 4]}``.
-        anchors: one ``[N, 4]`` tensor per image.
-        matched_idxs: one ``[N]`` tensor per image (index, -1 background, -2 ignored).
-        box_coder: the detector's ``BoxCoder``.
-
-    Returns:
-        ``{"classification": ..., "bbox_regression": ...}``, torchvision's loss keys.
-
-    Raises:
-        ValueError: as :func:`~detfocal.modeling.quality_heads.box_quality_targets` and the
-            heads' ``compute_loss``.
-    """
-    # getattr twice: any head with torchvision's compute_loss signature, even one without subnets, passes through.
-    classification_head = getattr(head, "classification_head", None)
-    if not getattr(classification_head, "needs_box_quality", False):
-        return head.compute_loss(targets, head_outputs, anchors, matched_idxs)
-    quality = box_quality_targets(anchors, head_outputs["bbox_regression"], targets, matched_idxs, box_coder)
-    return {
-        "classification": classification_head.compute_loss(targets, head_outputs, matched_idxs, quality=quality),
-        "bbox_regression": head.regression_head.compute_loss(targets, head_outputs, anchors, matched_idxs),
-    }
 
 
 class FocalRetinaNet(RetinaNet):
@@ -165,7 +71,7 @@ class FocalRetinaNet(RetinaNet):
                 kwargs["anchor_generator"] = CachedAnchorGenerator(default_anchor_sizes(),
                                                                    ((0.5, 1.0, 2.0),) * NUM_LEVELS)
             num_anchors = kwargs["anchor_generator"].num_anchors_per_location()[0]
-            kwargs["head"] = _retinanet_head(backbone.out_channels, num_anchors, num_classes, {"type": "focal"})
+            kwargs["head"] = build_retinanet_head(backbone.out_channels, num_anchors, num_classes, {"type": "focal"})
         head_classes = getattr(getattr(kwargs["head"], "classification_head", None), "num_classes", num_classes)
         if head_classes != num_classes:
             raise ValueError(f"num_classes={num_classes} but the classification head predicts {head_classes} classes")
@@ -220,63 +126,6 @@ class FocalRetinaNet(RetinaNet):
             return list(matched.unbind(0))
         return [match_anchors_batched(a, [b], self.proposal_matcher, [c], self.crowd_ioa_thresh)[0]
                 for a, b, c in zip(anchors, boxes, crowd_boxes)]
-
-
-# --------------------------------------------------------------------------------------
-# Builders.
-# --------------------------------------------------------------------------------------
-def default_anchor_sizes() -> tuple[tuple[int, ...], ...]:
-    """torchvision's RetinaNet anchors: 3 octave scales of 32..512 over P3-P7 (paper, section 4)."""
-    return tuple((x, int(x * 2 ** (1.0 / 3)), int(x * 2 ** (2.0 / 3))) for x in (32, 64, 128, 256, 512))
-
-
-def _anchor_generator(anchor_sizes: Sequence[int | Sequence[int]] | None,
-                      aspect_ratios: Sequence[float] | Sequence[Sequence[float]]) -> CachedAnchorGenerator:
-    # Per level: one size (an int) or a tuple of sizes.
-    sizes = default_anchor_sizes() if anchor_sizes is None else tuple(
-        (int(level),) if isinstance(level, (int, float)) else tuple(int(size) for size in level)
-        for level in anchor_sizes)
-    if len(sizes) != NUM_LEVELS or len({len(level) for level in sizes}) != 1:
-        raise ValueError(f"anchor_sizes must give {NUM_LEVELS} levels (P3-P7) with the same number of sizes each, "
-                         f"got {anchor_sizes!r}")
-    if all(isinstance(ratio, (int, float)) for ratio in aspect_ratios):
-        ratios = (tuple(float(r) for r in aspect_ratios),) * NUM_LEVELS
-    else:
-        ratios = tuple(tuple(float(r) for r in level) for level in aspect_ratios)
-    if len(ratios) != NUM_LEVELS or len({len(level) for level in ratios}) != 1 or not ratios[0]:
-        raise ValueError(f"aspect_ratios must be one tuple of ratios, or {NUM_LEVELS} tuples of equal length, "
-                         f"got {aspect_ratios!r}")
-    return CachedAnchorGenerator(sizes, ratios)
-
-
-def _norm_layer(norm: str, channels: int) -> Callable[..., nn.Module] | None:
-    if norm not in HEAD_NORMS:
-        raise ValueError(f"head 'norm' must be one of {sorted(HEAD_NORMS)}, got {norm!r}")
-    if norm == "gn" and channels % 32:
-        raise ValueError(f"head norm 'gn' uses 32 groups and needs fpn_channels divisible by 32, got {channels}")
-    return HEAD_NORMS[norm]
-
-
-def _retinanet_head(in_channels: int, num_anchors: int, num_classes: int, head: Mapping[str, Any]) -> RetinaNetHead:
-    """torchvision's RetinaNetHead with the classification head built from ``head`` via ``HEADS``."""
-    cfg = dict(head)
-    cfg.setdefault("type", "focal")
-    norm_layer = _norm_layer(cfg.pop("norm", "none"), in_channels)
-    given = {"in_channels": in_channels, "num_anchors": num_anchors, "num_classes": num_classes,
-             "norm_layer": norm_layer}
-    clash = sorted(set(given) & set(cfg))
-    if clash:
-        raise ValueError(f"head config must not set {clash}: build_retinanet passes them "
-                         "(use 'norm' to choose the norm layer)")
-    factory = HEADS.get(cfg["type"])
-    try:
-        inspect.signature(factory).bind(**{k: v for k, v in cfg.items() if k != "type"}, **given)
-    except TypeError as exc:
-        raise ValueError(f"head config {dict(head)!r} does not fit head type {cfg['type']!r}: {exc}") from None
-    retinanet_head = RetinaNetHead(in_channels, num_anchors, num_classes, norm_layer=norm_layer)
-    # RetinaNetHead's public slot for the classification subnet; the regression one stays torchvision's.
-    retinanet_head.classification_head = HEADS.build(cfg, **given)
-    return retinanet_head
 
 
 @DETECTORS.register("retinanet")
@@ -345,26 +194,11 @@ def build_retinanet(
         raise ValueError(f"fpn_channels must be a positive integer, got {fpn_channels!r}")
     body, out_channels = BACKBONES.get(backbone)(weights=weights_backbone, trainable_layers=trainable_backbone_layers,
                                                  fpn_channels=fpn_channels)
-    anchor_generator = _anchor_generator(anchor_sizes, aspect_ratios)
+    anchor_generator = build_anchor_generator(anchor_sizes, aspect_ratios)
     num_anchors = anchor_generator.num_anchors_per_location()[0]
-    retinanet_head = _retinanet_head(out_channels, num_anchors, num_classes, head or {"type": "focal"})
+    retinanet_head = build_retinanet_head(out_channels, num_anchors, num_classes, head or {"type": "focal"})
     return FocalRetinaNet(body, num_classes, min_size=min_size, max_size=max_size, anchor_generator=anchor_generator,
                           head=retinanet_head, **detector_kwargs)
-
-
-def infer_norm_layer(block: nn.Module) -> Callable[..., nn.Module] | None:
-    """The norm_layer that rebuilds ``block`` (a torchvision Conv2dNormActivation)."""
-    norms = [m for m in block.children() if not isinstance(m, (nn.Conv2d, nn.ReLU))]
-    if not norms:
-        return None
-    norm = norms[0]
-    if isinstance(norm, nn.GroupNorm):
-        return partial(nn.GroupNorm, norm.num_groups, eps=norm.eps)
-    if isinstance(norm, nn.BatchNorm2d):
-        return partial(nn.BatchNorm2d, eps=norm.eps, momentum=norm.momentum)
-    if isinstance(norm, FrozenBatchNorm2d):
-        return partial(FrozenBatchNorm2d, eps=norm.eps)
-    raise ValueError(f"cannot infer norm_layer from the head's {type(norm).__name__}; pass norm_layer=...")
 
 
 def convert_retinanet(model: RetinaNet, *, num_classes: int | None = None, crowd_ioa_thresh: float = 0.5,
