@@ -1,4 +1,4 @@
-"""The console commands: ``detfocal train|eval|infer|export|analyze|subset|shapes|benchmark|ablate|plot-focal``.
+"""The console commands: ``detfocal train|eval|infer|export|analyze|subset|shapes|benchmark|ablate|study|plot-focal``.
 
 ``detfocal --help`` answers without importing torch: each command's parser is built here
 from the standard library alone, and the work is imported only when a command runs. User
@@ -172,6 +172,8 @@ def _subset(args: argparse.Namespace) -> int:
         return [item.strip() for item in text.split(",") if item.strip()]
 
     check_output_path(args.out, [args.annotations])
+    if Path(args.out).exists() and not args.overwrite:
+        raise ValueError(f"--out {args.out} exists; add --overwrite to replace it")
     # Digits are category ids; anything else is a name (COCO names are never numbers).
     categories = None if args.categories is None else [int(c) if c.isdigit() else c for c in split(args.categories)]
     image_ids = None
@@ -214,7 +216,9 @@ def _plot_focal(args: argparse.Namespace) -> int:
 FORWARDED = {"benchmark": ("detfocal.benchmark", "time the loss, head, training step and COCO evaluation against "
                                                  "torchvision (see 'detfocal benchmark --help')"),
              "ablate": ("detfocal.ablate", "train over a grid of settings and write the paper's Table 1 for them "
-                                           "(see 'detfocal ablate --help')")}
+                                           "(see 'detfocal ablate --help')"),
+             "study": ("detfocal.study", "train CE against FL from 10^2 to 10^4 negatives per positive: "
+                                         "'detfocal study imbalance' (see 'detfocal study --help')")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep only images with at least this many non-crowd boxes of the kept categories")
     sub.add_argument("--seed", type=int, default=0, help="seed of the --max-images sample")
     sub.add_argument("--out", required=True, help="output json path (never the input)")
+    sub.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
     sub = command("shapes", _shapes, "generate the embedded shapes dataset (COCO format)")
     sub.add_argument("--out", default="data/shapes", help="output folder (default: data/shapes)")

@@ -26,7 +26,7 @@ CLI_PAGE = "reference/cli.md"
 HEAD_BUILD_ARGS = ("in_channels", "num_anchors", "num_classes", "norm_layer")
 # Forwarded commands: (command, module); the parser comes from ``build_parser`` in the module or
 # its ``command`` submodule, else from the module's ``main(["--help"])``.
-FORWARDED = (("benchmark", "detfocal.benchmark"), ("ablate", "detfocal.ablate"))
+FORWARDED = (("benchmark", "detfocal.benchmark"), ("ablate", "detfocal.ablate"), ("study", "detfocal.study"))
 # A Sphinx role in a docstring (:func:`name`, :class:`~a.b.C`): shown as code, ~ keeping the last part.
 ROLE = re.compile(r":(?:func|class|mod|meth|data|attr|exc|obj):`(~?)([^`]+)`")
 

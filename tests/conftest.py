@@ -5,6 +5,9 @@ from pathlib import Path
 # libgomp threads spin while waiting; when subprocess tests (DDP, tools) share the cores the
 # spinning starves the real work. Must be set before torch loads its OpenMP runtime.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# cuBLAS computes matrix products deterministically only with a fixed workspace, which must be
+# set before its first use: the exact-resume tests compare weights bit for bit on "cuda" too.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -16,9 +19,28 @@ SHARED_COCO = ROOT.parent / "shared" / "data" / "coco_val2014_100"
 TEST_DATA = Path(__file__).resolve().parent / "data"
 
 
+NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=[NO_CUDA, pytest.mark.cuda])])
+def device(request) -> str:
+    """The device of a numeric test: "cpu" always, and "cuda" where one is present (skipped with the
+    reason elsewhere). The same test function runs on both; ``pytest -m cuda`` selects the "cuda" ones."""
+    return request.param
+
+
+@pytest.fixture
+def run_device(device, monkeypatch) -> str:
+    """``device`` for a whole run of ``detfocal.train``, which picks its device itself (``init_distributed``:
+    cuda:0 where CUDA is present). On "cpu" the run is kept on the CPU even where a GPU is present."""
+    if device == "cpu" and torch.cuda.is_available():
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    return device
 
 
 @pytest.fixture(autouse=True)
@@ -63,6 +85,9 @@ LOSS_SCALES = (1.0, 2.0 ** 10, 2.0 ** 16, 2.0 ** 24)
 def assert_half_grad_matches_float64(loss_fn, inputs: torch.Tensor, scale: float) -> None:
     """The gradient of ``loss_fn(inputs) * scale`` for fp16/bf16 ``inputs`` is float64's, rounded once.
 
+    Both gradients are computed on ``inputs``' device (``loss_fn`` must hold its other
+    tensors there too).
+
     Unscaled, it must match the float64 gradient within 2 ulp of the dtype plus the smallest
     subnormal / scale; it must be inf exactly where the float64 value times the scale rounds
     to inf, and nonzero wherever that product is at least the smallest subnormal.
@@ -72,7 +97,8 @@ def assert_half_grad_matches_float64(loss_fn, inputs: torch.Tensor, scale: float
     smallest_subnormal = info.smallest_normal * info.eps
     x = inputs.detach().clone().requires_grad_(True)
     loss = loss_fn(x)
-    upstream = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)  # non-uniform for "none"
+    upstream = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype,
+                              device=loss.device).reshape(loss.shape)  # non-uniform for "none"
     ((loss * upstream).sum() * scale).backward()
     x64 = inputs.detach().double().requires_grad_(True)
     loss64 = loss_fn(x64)

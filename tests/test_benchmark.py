@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,6 +159,8 @@ def test_a_case_restores_the_environment_it_changed(monkeypatch):
     (["--timeout", "0"], "--timeout: expected seconds > 0, got 0.0"),
     (["--cases", "loss,nope"], "--cases: unknown or no case(s) ['nope']"),
     (["--device", "tpu"], "--device: expected cpu or cuda, got 'tpu'"),
+    (["--cases", "gpu,loss"], "--cases: gpu runs alone (its steps run the other cases it needs), got gpu,loss"),
+    (["--cases", "gpu", "--device", "cpu"], "--cases gpu --device cpu is the dry run of the GPU check: add --quick"),
 ])
 def test_bad_benchmark_arguments_are_one_line_before_any_case_runs(argv, message, capsys, monkeypatch):
     from detfocal.cli import main as cli_main
@@ -185,7 +188,118 @@ def test_a_folder_given_as_json_is_refused_before_any_case_runs(tmp_path, capsys
     assert capsys.readouterr().err.strip() == f"error: --json {tmp_path} is a folder, expected a file"
 
 
-def test_default_inputs_are_the_repositorys_demo_config_and_coco_sample():
+def test_default_inputs_are_the_shipped_demo_config_and_the_checkouts_coco_sample():
     defaults = benchmark.default_inputs()
-    assert defaults.config == DEMO and defaults.config.is_file()
+    assert defaults.config.resolve() == Path(DEMO).resolve() and defaults.config.is_file()
     assert any((folder / "instances_val2014_100.json").is_file() for folder in defaults.coco_sample_dirs)
+
+
+# ----------------------------------------------------------------------------------------------
+# The GPU check (--cases gpu, tools/gpu_check.sh)
+
+
+@pytest.mark.parametrize("argv", [["--cases", "gpu"], ["--cases", "gpu", "--device", "cuda", "--quick"]])
+def test_gpu_check_without_cuda_is_one_line_before_any_step_runs(argv, capsys, monkeypatch):
+    from detfocal.benchmark import gpu
+    from detfocal.cli import main as cli_main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(gpu, "run_gpu_check", lambda **kwargs: pytest.fail("a step ran"))
+    assert cli_main(["benchmark", *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == ("error: --cases gpu: no CUDA device here (torch.cuda.is_available() is False); "
+                                    "the GPU check needs one (--device cpu --quick runs it dry on the CPU)")
+    assert "GPU check" not in captured.out
+
+
+def test_gpu_check_kills_a_step_at_its_time_limit_with_its_children(tmp_path):
+    import signal
+    import sys
+    import time
+    from pathlib import Path
+
+    from detfocal.benchmark import gpu
+
+    grandchild = "import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; " \
+                 "time.sleep(60)']); print(p.pid, flush=True); time.sleep(60)"
+    start = time.monotonic()
+    run = gpu._run([sys.executable, "-c", grandchild], 3.0, tmp_path / "step.log")
+    assert run["timed_out"] and run["returncode"] is None and time.monotonic() - start < 20
+    pid = int(run["tail"][0])
+    for _ in range(50):  # killed with its process group; reparented and reaped by init shortly after
+        stat = Path(f"/proc/{pid}/stat")
+        if not stat.exists() or stat.read_text().split(")")[-1].split()[0] == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        pytest.fail("the step's own child outlived its time limit")
+    assert "killed after" in gpu._failure(run)
+
+
+def _epoch_records(step_seconds, batch=8, epoch=0, first_step=1, skipped=None):
+    """metrics.jsonl train records of one epoch whose steps took ``step_seconds`` (log_interval 1)."""
+    records, elapsed = [], 0.0
+    for index, seconds in enumerate(step_seconds):
+        elapsed += seconds
+        records.append({"type": "train", "epoch": epoch, "step": first_step + index, "loss": 1.0,
+                        "images_per_s": batch * (index + 1) / elapsed,
+                        "skipped_steps": (skipped or {}).get(first_step + index, 0)})
+    return records
+
+
+def test_steady_images_per_s_is_the_rate_after_the_first_quarter_of_the_longest_epoch():
+    from detfocal.benchmark import gpu
+
+    # 25 slow warm-up steps, then 0.01 s a step at batch 8: 800 images/s; a short second epoch at 100.
+    records = _epoch_records([0.1] * 25 + [0.01] * 75) + _epoch_records([0.08] * 5, epoch=1, first_step=101)
+    assert gpu.steady_images_per_s(records) == pytest.approx(800.0, rel=1e-9)
+    assert records[99]["images_per_s"] < 300  # what the last record alone would say
+
+
+def test_train_summary_counts_skipped_steps_and_finds_the_last_one():
+    from detfocal.benchmark import gpu
+
+    skipped = {step: 1 if step < 3 else 2 if step < 7 else 3 for step in range(1, 41)}
+    records = _epoch_records([0.01] * 40, skipped=skipped)
+    records[10]["loss"] = float("nan")
+    summary = gpu.train_summary(records + [{"type": "epoch", "epoch": 0, "step": 40}])
+    assert (summary["iterations"], summary["skipped_steps"], summary["last_skipped_step"]) == (40, 3, 7)
+    assert summary["finite"] is False
+    assert gpu.train_summary([])["error"] == "metrics.jsonl holds no train record"
+
+
+def test_gpu_table_marks_each_target_met_missed_or_failed():
+    from detfocal.benchmark.gpu_report import gpu_table
+
+    def loss_row(dtype, label, ms):
+        return {"dtype": dtype, "label": label, "impl": "x", "batch": 2, "num_anchors": 10, "num_classes": 80,
+                "median_ms": ms, "peak_extra_mb": 1.0}
+
+    loss = [loss_row("fp32", "compiled head", 2.0), loss_row("fp32", "torchvision's head", 30.0),
+            loss_row("fp32", "one sigmoid pass", 1.0), loss_row("fp16", "compiled head", 4.0),
+            loss_row("fp16", "torchvision's head", 30.0), loss_row("fp16", "one sigmoid pass", 1.0)]
+    train = [{"amp": "auto", "processes": 1, "iterations": 200, "images_per_s": 900.0, "skipped_steps": 4,
+              "last_skipped_step": 30, "finite": True, "final_loss": 0.5, "seconds": 20.0},
+             {"amp": "bf16", "processes": 1, "iterations": 200, "images_per_s": 800.0, "skipped_steps": 0,
+              "last_skipped_step": 0, "finite": True, "final_loss": 0.5, "seconds": 20.0}]
+    step = [{"impl": "torchvision", "precision": "fp32", "batch": 8, "images_per_s": 100.0, "peak_extra_mb": 1.0},
+            {"impl": "detfocal", "precision": "fp32", "amp": "fp32", "batch": 8, "images_per_s": 120.0,
+             "peak_extra_mb": 1.0}]
+    details = {"device": "cuda", "quick": False, "tests": {"status": "failed", "counts": {"passed": 3, "failed": 1},
+                                                           "failed": ["FAILED tests/test_x.py::test_y[cuda]"],
+                                                           "seconds": 9.0},
+               "loss": loss, "train": train, "step": step,
+               "nccl": {"status": "skipped", "why": "1 CUDA device(s); the two-process NCCL run needs 2"}}
+    rows = {(row.split(" | ")[0].strip("| "), row.split(" | ")[1]): row.split(" | ")[-1].strip(" |")
+            for row in gpu_table(details).splitlines()[2:]}
+    assert rows[("tests", "pytest -m cuda tests")] == "FAILED"
+    assert rows[("loss", "fp32 compiled head, [2, 10, 80]")] == "ok"  # 15x torchvision, 2x a sigmoid pass
+    assert rows[("loss", "fp16 compiled head, [2, 10, 80]")] == "MISS"  # 7.5x torchvision, 4x a sigmoid pass
+    assert rows[("train", "200 demo iterations, train.amp=auto")] == "MISS"  # a skip at step 30
+    assert rows[("train", "200 demo iterations, train.amp=bf16")] == "ok"
+    assert rows[("step", "demo step, batch 8, fp32: detfocal vs torchvision")] == "ok"
+    assert rows[("nccl", "torchrun --nproc_per_node=2")] == "-"
+    dry = gpu_table({**details, "device": "cpu", "quick": True})
+    assert all(row.endswith(("| - |", "| FAILED |")) for row in dry.splitlines()[2:])  # a dry run has no targets
+

@@ -24,6 +24,7 @@ from detfocal.engine.precision import resolve_amp
 from detfocal.engine import loop as loop_module
 from detfocal.engine.run_dir import RunFolder, choose_resume_checkpoint
 from detfocal.engine.step import train_step
+from conftest import NO_CUDA
 from detfocal.evaluation.coco import STAT_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,20 +162,20 @@ class ConstantLossModel(nn.Module):
         return {"classification": weight * self.value, "bbox_regression": self.weight.abs()}
 
 
-def _batch():
-    return [torch.zeros(3, 8, 8)], [{"boxes": torch.zeros(0, 4), "image_id": 0}]
+def _batch(device="cpu"):
+    return [torch.zeros(3, 8, 8, device=device)], [{"boxes": torch.zeros(0, 4, device=device), "image_id": 0}]
 
 
-def _step(model, optimizer, **kwargs):
-    images, targets = _batch()
+def _step(model, optimizer, device="cpu", **kwargs):
+    images, targets = _batch(device)
     return train_step(model, images, targets, optimizer, **{"amp_dtype": None, "scaler": None, "grad_clip": None,
                                                             **kwargs})
 
 
-def test_train_step_logs_losses_and_grad_norm_and_steps():
-    model = ConstantLossModel(2.0)
+def test_train_step_logs_losses_and_grad_norm_and_steps(device):
+    model = ConstantLossModel(2.0).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    logged = _step(model, optimizer)
+    logged = _step(model, optimizer, device)
     assert logged["loss"] == pytest.approx(3.0) and logged["classification"] == pytest.approx(2.0)
     assert logged["grad_norm"] == pytest.approx(3.0) and logged["skipped"] == 0.0 and logged["stop"] == 0.0
     assert model.weight.item() == pytest.approx(1.0 - 0.01 * 3.0)
@@ -198,11 +199,11 @@ def test_non_finite_gradient_in_fp32_names_the_parameter_and_does_not_step():
     assert model.weight.item() == 1.0
 
 
-def test_fp16_scaler_skips_an_overflowing_step_and_counts_it():
-    model = ConstantLossModel(1.0, grad_scale=float("inf"))
+def test_fp16_scaler_skips_an_overflowing_step_and_counts_it(device):
+    model = ConstantLossModel(1.0, grad_scale=float("inf")).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
-    logged = _step(model, optimizer, scaler=scaler)
+    scaler = torch.amp.GradScaler(device, init_scale=2.0 ** 16)
+    logged = _step(model, optimizer, device, scaler=scaler)
     assert logged["skipped"] == 1.0 and model.weight.item() == 1.0
     assert scaler.get_scale() == 2.0 ** 15  # the scaler backed off
 
@@ -213,6 +214,120 @@ def test_grad_clip_bounds_the_update():
     logged = _step(model, optimizer, grad_clip=0.5)
     assert logged["grad_norm"] == pytest.approx(1001.0)  # the norm before clipping is logged
     assert model.weight.item() == pytest.approx(0.5)
+
+
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _tiny_retinanet_step_parts(device, amp):
+    """A tiny RetinaNet (R18, FPN 32, GN head of one conv, 64 px) with the optimizer, GradScaler and batch
+    of a training run (detfocal's fused AdamW, grad_clip 10), a crowd box included, all on ``device``."""
+    from detfocal.modeling.retinanet import build_retinanet
+
+    torch.manual_seed(0)
+    model = build_retinanet(3, "resnet18", fpn_channels=32, min_size=64, max_size=64,
+                            head={"type": "focal", "num_convs": 1, "norm": "gn"}).to(device).train()
+    optimizer = build_optimizer(model, name="adamw", lr=1e-3, weight_decay=0.05)
+    scaler = torch.amp.GradScaler(device) if AMP_DTYPES[amp] is torch.float16 else None
+    generator = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 64, 64, generator=generator).to(device) for _ in range(2)]
+    targets = [{"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0], [30.0, 20.0, 60.0, 50.0], [2.0, 40.0, 24.0, 62.0]]),
+                "labels": torch.tensor([0, 2, 1]), "iscrowd": torch.tensor([0, 0, 1])},
+               {"boxes": torch.tensor([[10.0, 10.0, 50.0, 44.0]]), "labels": torch.tensor([1]),
+                "iscrowd": torch.tensor([0])}]
+    targets = [{key: value.to(device) for key, value in target.items()} for target in targets]
+    kwargs = {"amp_dtype": AMP_DTYPES[amp], "scaler": scaler, "grad_clip": 10.0}
+    return model, optimizer, images, targets, kwargs
+
+
+@pytest.mark.parametrize("amp", list(AMP_DTYPES))
+def test_train_step_of_a_tiny_retinanet_under_each_amp_gives_fp32s_losses_and_steps(amp, device):
+    import copy
+
+    model, optimizer, images, targets, kwargs = _tiny_retinanet_step_parts(device, amp)
+    reference = copy.deepcopy(model)
+    before = [p.detach().clone() for p in model.parameters()]
+    logged = train_step(model, images, targets, optimizer, **kwargs)
+    expected = train_step(reference, images, targets, build_optimizer(reference, name="adamw", lr=1e-3),
+                          amp_dtype=None, scaler=None, grad_clip=10.0)
+    # The 16-bit forward rounds activations to 8 (bf16) or 11 (fp16) bits; the losses are computed in fp32.
+    rtol = {"off": 1e-5, "bf16": 3e-2, "fp16": 5e-3}[amp]
+    for name in ("classification", "bbox_regression", "loss"):
+        assert logged[name] == pytest.approx(expected[name], rel=rtol), name
+    assert logged["grad_norm"] == pytest.approx(expected["grad_norm"], rel=10 * rtol)
+    assert logged["skipped"] == 0.0 and all(math.isfinite(logged[name]) for name in logged)
+    # The optimizer stepped every parameter it had a gradient for (GroupNorm over the 1 x 1 P6/P7 maps
+    # of 64 px images gives their biases an exactly zero one in 16 bits).
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()) if p.grad is not None and p.grad.any())
+
+
+def _sync_debug_mode(mode):
+    """Set CUDA's sync debug mode; returns the previous one."""
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(mode)
+    return previous
+
+
+@NO_CUDA
+@pytest.mark.cuda
+@pytest.mark.parametrize("amp", list(AMP_DTYPES))
+def test_cuda_training_steps_make_no_host_sync_but_the_documented_one(amp):
+    """train_step under torch.cuda.set_sync_debug_mode: the step's all-reduce .tolist() (documented_sync)
+    is the only sync of detfocal's code. torchvision's own are excused, each where it is:
+    GeneralizedRCNNTransform (image mean/std and box ratios built from Python numbers) and RetinaNet's
+    degenerate-box check, from the transform's forward to the backbone's; and
+    RetinaNetRegressionHead.compute_loss (torch.where per image, BoxCoder's weights). First under
+    "warn", to list every other sync at once; then under "error", as asked of a training step."""
+    import warnings
+
+    from torchvision.models.detection.retinanet import RetinaNetRegressionHead
+
+    from detfocal.modeling.retinanet import infer_norm_layer
+
+    model, optimizer, images, targets, kwargs = _tiny_retinanet_step_parts("cuda", amp)
+    outer = []
+
+    def excuse(module, inputs):  # a forward pre-hook must return None, or its value replaces the inputs
+        outer.append(_sync_debug_mode(0))
+
+    def resume(module, inputs):
+        _sync_debug_mode(outer.pop())
+
+    model.transform.register_forward_pre_hook(excuse)
+    model.backbone.register_forward_pre_hook(resume)
+
+    class SyncExcusedRegressionHead(RetinaNetRegressionHead):
+        def compute_loss(self, *args):
+            previous = _sync_debug_mode(0)
+            try:
+                return super().compute_loss(*args)
+            finally:
+                _sync_debug_mode(previous)
+
+    stock = model.head.regression_head
+    excused = SyncExcusedRegressionHead(stock.conv[0][0].in_channels, stock.bbox_reg.out_channels // 4,
+                                        norm_layer=infer_norm_layer(stock.conv[0])).cuda()
+    excused.load_state_dict(stock.state_dict())
+    model.head.regression_head = excused  # RetinaNetHead's public slot
+    optimizer = build_optimizer(model, name="adamw", lr=1e-3, weight_decay=0.05)  # over the new head's weights
+    for _ in range(2):  # warm-up: the anchor cache, cuDNN's choices, the optimizer state, the GradScaler
+        train_step(model, images, targets, optimizer, **kwargs)
+    torch.cuda.synchronize()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _sync_debug_mode("warn")
+            for _ in range(3):
+                train_step(model, images, targets, optimizer, **kwargs)
+        syncs = sorted({f"{Path(w.filename).name}:{w.lineno}" for w in caught
+                        if "synchronizing" in str(w.message)})
+        assert not syncs, f"host syncs besides the documented one: {syncs}"
+        _sync_debug_mode("error")
+        for _ in range(2):
+            logged = train_step(model, images, targets, optimizer, **kwargs)
+    finally:
+        _sync_debug_mode(0)
+    assert all(math.isfinite(logged[name]) for name in ("loss", "grad_norm"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,7 +520,7 @@ def test_train_is_a_library_call_returning_a_summary(tmp_path, tiny, one_thread,
 
 
 @pytest.mark.slow
-def test_two_epochs_equal_one_epoch_plus_resume(tmp_path, tiny, one_thread):
+def test_two_epochs_equal_one_epoch_plus_resume(tmp_path, tiny, one_thread, run_device):
     # A step schedule: a cosine one would depend on max_iters, which the interrupted run changes.
     common = tiny + ["train.epochs=2", "train.deterministic=true", "eval.interval=5",
                      "train.schedule={type: step, steps: [3]}", "data.augment={hflip: 0.5, scale_jitter: [0.8, 1.2]}"]
@@ -496,19 +611,20 @@ def test_non_finite_loss_exits_1_with_one_line_and_keeps_last_checkpoint(tmp_pat
 
 
 @pytest.mark.slow
-def test_bf16_autocast_with_channels_last_trains_and_evaluates(tmp_path, tiny, capsys, one_thread):
-    # The path amp: auto takes on CPUs with AVX-512-BF16/AMX, forced here on any CPU.
+def test_bf16_autocast_trains_and_evaluates_with_channels_last_on_cpu(tmp_path, tiny, capsys, one_thread, run_device):
+    # The path amp: auto takes on CPUs with AVX-512-BF16/AMX, forced here on any CPU; on CUDA without channels_last.
     out = tmp_path / "run"
     assert cli_main(["train", DEMO, "--output-dir", str(out), "--set", *tiny, "train.amp=bf16",
                      "train.max_iters=2"]) == 0
-    assert "precision: bf16 autocast + channels_last (set by train.amp)" in capsys.readouterr().out
+    layout = " + channels_last" if run_device == "cpu" else ""
+    assert f"precision: bf16 autocast{layout} (set by train.amp)" in capsys.readouterr().out
     steps = [r for r in read_metrics(out / "metrics.jsonl") if r["type"] == "train"]
     assert len(steps) == 2 and all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in steps)
 
 
 @pytest.mark.slow
-def test_fp16_with_grad_scaler_trains_on_cpu_skipping_at_most_the_first_steps(tmp_path, tiny, capsys, one_thread):
-    # The CUDA default (fp16 autocast + GradScaler), run on the CPU: 32 steps at batch 2. The scaler
+def test_fp16_with_grad_scaler_trains_skipping_at_most_the_first_steps(tmp_path, tiny, capsys, one_thread, run_device):
+    # The CUDA default (fp16 autocast + GradScaler), on the CPU too: 32 steps at batch 2. The scaler
     # starts at 2^16 and halves on each overflow until scale x gradient fits fp16; in fp32 this run's
     # gradient norm peaks near 130, so a handful of early skips is the scaler working as designed.
     out = tmp_path / "run"
@@ -719,15 +835,17 @@ def test_a_user_callback_receives_every_event_of_a_two_iteration_run(tmp_path, t
     recorder = RecordingCallback()
     summary = detfocal.train(DEMO, tmp_path / "run", overrides=[*tiny, "train.max_iters=2"], callbacks=[recorder])
     names = [event[0] for event in recorder.events]
-    assert names == ["run_start", "step_end", "step_end", "evaluation_end", "checkpoint", "epoch_end", "checkpoint",
-                     "run_end"]
+    # last.pth is written before the evaluation (a kill during it loses no training) and again after it.
+    assert names == ["run_start", "step_end", "step_end", "checkpoint", "evaluation_end", "checkpoint", "checkpoint",
+                     "epoch_end", "run_end"]
     assert recorder.events[0][1:] == (0, 2)
     steps = [event for event in recorder.events if event[0] == "step_end"]
     assert [event[1] for event in steps] == [1, 2]
     assert {"loss", "classification", "bbox_regression", "grad_norm", "lr", "images_per_s"} <= set(steps[0][2])
     evaluation = next(event for event in recorder.events if event[0] == "evaluation_end")
     assert set(STAT_NAMES) <= set(evaluation[2]) and evaluation[2]["AP"] == summary["AP"]
-    assert [event[2:] for event in recorder.events if event[0] == "checkpoint"] == [("best", True), ("last", True)]
+    assert [event[2:] for event in recorder.events if event[0] == "checkpoint"] == [("last", True), ("best", True),
+                                                                                     ("last", True)]
     assert recorder.events[-1][2]["stopped"] == "max_iters" and recorder.events[-1][2]["AP"] == summary["AP"]
     # The built-in metrics.jsonl and TensorBoard callbacks saw the same steps.
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
@@ -901,3 +1019,170 @@ def test_one_data_loader_per_run_keeps_its_worker_processes_across_epochs(tmp_pa
     train_loader = next(loader for loader in built if loader.batch_sampler is not None
                         and hasattr(loader.batch_sampler, "iters_per_epoch"))
     assert train_loader.persistent_workers and not train_loader.pin_memory  # pin_memory only on CUDA
+
+
+# ---------------------------------------------------------------------------------------------
+# what a hostile sweep found: preemption of the whole job, stops at epoch ends, copied checkpoints
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_whole_process_group_with_data_workers_saves_and_exits_143(tmp_path, tiny):
+    import subprocess
+    import sys
+
+    # SLURM's preemption and Ctrl-C signal every process of the job, the DataLoader workers too.
+    (tmp_path / "group_kill.py").write_text(
+        "import os, signal\n"
+        "class KillGroupAtStep2:\n"
+        "    def on_step_end(self, run, logs):\n"
+        "        if run.iteration == 2:\n"
+        "            os.killpg(os.getpgrp(), signal.SIGTERM)\n")
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "detfocal", "train", DEMO, "--output-dir", str(out), "--callback",
+            "group_kill:KillGroupAtStep2", "--set", *tiny, "train.epochs=2", "train.batch_size=2", "data.workers=1"]
+    done = subprocess.run(argv, cwd=tmp_path, start_new_session=True, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 143, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "interrupted: saved" in done.stderr
+    assert load_checkpoint(out / "interrupted.pth")["iteration"] == 3
+
+
+@pytest.mark.slow
+def test_a_stop_signal_at_an_epoch_end_saves_first_and_the_resumed_run_evaluates(tmp_path, tiny, one_thread,
+                                                                                 monkeypatch):
+    common = tiny + ["train.epochs=2", "train.batch_size=2"]
+    step = loop_module.train_step
+
+    def signalled_step(*args, **kwargs):
+        if kwargs["iteration"] == 3:  # the last step of epoch 0
+            signal.raise_signal(signal.SIGTERM)
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(loop_module, "train_step", signalled_step)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        detfocal.train(DEMO, out, overrides=common)
+    saved = load_checkpoint(out / "last.pth")
+    assert saved["iteration"] == 4 and saved["evaluation_pending"] and not (out / "interrupted.pth").exists()
+    monkeypatch.setattr(loop_module, "train_step", step)
+    detfocal.train(DEMO, out, resume=True, overrides=common)
+    epochs = [r for r in read_metrics(out / "metrics.jsonl") if r["type"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [0, 1] and all("AP" in r and "loss" in r for r in epochs)
+
+
+@pytest.mark.slow
+def test_a_stop_signal_on_the_last_step_completes_the_run(tmp_path, tiny, one_thread, monkeypatch):
+    step = loop_module.train_step
+
+    def signalled_step(*args, **kwargs):
+        if kwargs["iteration"] == 1:  # the last of 2 steps
+            signal.raise_signal(signal.SIGTERM)
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(loop_module, "train_step", signalled_step)
+    summary = detfocal.train(DEMO, tmp_path / "run", overrides=tiny)
+    assert summary["stopped"] == "completed" and (tmp_path / "run" / "results.json").is_file()
+    assert (tmp_path / "run" / "metrics.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_callbacks_stop_request_mid_epoch_waits_for_the_epoch_end_checkpoint(tmp_path, tiny, one_thread):
+    class StopAtStep1:
+        def on_step_end(self, run, logs):
+            if run.iteration == 1:
+                run.request_stop("enough")
+
+    common = tiny + ["train.epochs=3", "train.batch_size=2"]
+    summary = detfocal.train(DEMO, tmp_path / "run", overrides=common, callbacks=[StopAtStep1()])
+    assert summary["stopped"] == "enough" and summary["iterations"] == 4  # the end of epoch 0
+    assert load_checkpoint(tmp_path / "run" / "last.pth")["iteration"] == 4
+
+
+@pytest.mark.slow
+def test_the_epoch_mean_loss_after_a_mid_epoch_resume_covers_the_whole_epoch(tmp_path, tiny, one_thread,
+                                                                            monkeypatch):
+    common = tiny + ["train.epochs=1", "train.batch_size=2", "train.deterministic=true"]
+    detfocal.train(DEMO, tmp_path / "straight", overrides=common)
+    step = loop_module.train_step
+
+    def interrupted_step(*args, **kwargs):
+        if kwargs["iteration"] == 1:
+            signal.raise_signal(signal.SIGINT)
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(loop_module, "train_step", interrupted_step)
+    with pytest.raises(KeyboardInterrupt):
+        detfocal.train(DEMO, tmp_path / "resumed", overrides=common)
+    monkeypatch.setattr(loop_module, "train_step", step)
+    detfocal.train(DEMO, tmp_path / "resumed", resume=True, overrides=common)
+    straight, resumed = ([r for r in read_metrics(tmp_path / name / "metrics.jsonl") if r["type"] == "epoch"][0]
+                         for name in ("straight", "resumed"))
+    assert resumed["loss"] == pytest.approx(straight["loss"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_an_overwrite_killed_before_its_first_checkpoint_gets_the_old_run_back_next_time(tmp_path, tiny, one_thread):
+    out = tmp_path / "run"
+    detfocal.train(DEMO, out, overrides=[*tiny, "train.max_iters=1"])
+    before = _sha256(out / "last.pth")
+    # What a kill -9 after the move aside leaves: the old run in .previous-run, the new run's first files.
+    aside = out / ".previous-run"
+    aside.mkdir()
+    for name in ("last.pth", "best.pth", "metrics.jsonl", "run.json", "config.yaml"):
+        os.replace(out / name, aside / name)
+    (out / "metrics.jsonl").write_text('{"type": "train", "step": 1, "loss": 9}\n')
+    with pytest.raises(ValueError, match="holds a run"):  # the old run is back, so a plain start is refused
+        detfocal.train(DEMO, out, overrides=[*tiny, "train.max_iters=1"])
+    assert _sha256(out / "last.pth") == before and not aside.exists()
+    assert all(r.get("loss") != 9 for r in read_metrics(out / "metrics.jsonl"))
+    aside.mkdir()
+    (aside / "mine.txt").write_text("the user's")
+    with pytest.raises(ValueError, match=r"\.previous-run holds files detfocal did not put there \(mine.txt\)"):
+        detfocal.train(DEMO, out, resume=True, overrides=[*tiny, "train.max_iters=1"])
+    assert (aside / "mine.txt").read_text() == "the user's"
+
+
+@pytest.mark.slow
+def test_another_runs_checkpoint_copied_into_the_folder_is_refused(tmp_path, tiny, one_thread):
+    first, second = tmp_path / "first", tmp_path / "second"
+    for out in (first, second):
+        detfocal.train(DEMO, out, overrides=[*tiny, "train.max_iters=1"])
+    import shutil
+
+    shutil.copy(first / "last.pth", second / "copied.pth")
+    with pytest.raises(ValueError, match="is from another run"):
+        detfocal.train(DEMO, second, resume=second / "copied.pth", overrides=[*tiny, "train.max_iters=2"])
+
+
+def test_resume_skips_an_unreadable_checkpoint_with_a_warning(tmp_path, caplog):
+    save_checkpoint(tmp_path / "last.pth", {"iteration": 4})
+    (tmp_path / "interrupted.pth").write_bytes(b"")
+    assert choose_resume_checkpoint(tmp_path) == tmp_path / "last.pth"
+    assert "interrupted.pth" in caplog.text and "is empty (0 bytes)" in caplog.text
+    (tmp_path / "last.pth").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="no checkpoint in .* can be read"):
+        choose_resume_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"overrides": "train.lr=1"}, "overrides: expected a list of 'key=value' strings"),
+    ({"resume": 0}, "resume: expected a checkpoint path, True or None"),
+    ({"callbacks": "abc"}, "callbacks: expected a list of callback objects"),
+    ({"callbacks": [RecordingCallback]}, "RecordingCallback is a class; pass an instance"),
+    ({"callbacks": [object()]}, "has none of the events on_run_start"),
+])
+def test_train_refuses_arguments_that_would_fail_late_or_do_nothing(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        detfocal.train(DEMO, tmp_path / "run", **kwargs)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_torch_save_failure_caused_by_a_full_disk_is_one_oserror(tmp_path, monkeypatch):
+    def full_disk(obj, handle, *args, **kwargs):
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4352 vs 4240")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match=r"cannot write .*last.pth: No space left on device"):
+        save_checkpoint(tmp_path / "last.pth", {"iteration": 2})

@@ -79,16 +79,17 @@ def _xyxy(bbox):
     return [x, y, x + w, y + h]
 
 
-def _predictions_from(detections, label_of):
-    """COCO-style detections -> the evaluator's {image_id: {boxes xyxy, scores, labels}}."""
+def _predictions_from(detections, label_of, device="cpu"):
+    """COCO-style detections -> the evaluator's {image_id: {boxes xyxy, scores, labels}}, tensors on ``device``."""
     predictions = {}
     for det in detections:
         entry = predictions.setdefault(det["image_id"], {"boxes": [], "scores": [], "labels": []})
         entry["boxes"].append(_xyxy(det["bbox"]))
         entry["scores"].append(det["score"])
         entry["labels"].append(label_of[det["category_id"]])
-    return {image_id: {"boxes": torch.tensor(p["boxes"], dtype=torch.float64).reshape(-1, 4),
-                       "scores": torch.tensor(p["scores"]), "labels": torch.tensor(p["labels"])}
+    return {image_id: {"boxes": torch.tensor(p["boxes"], dtype=torch.float64, device=device).reshape(-1, 4),
+                       "scores": torch.tensor(p["scores"], device=device),
+                       "labels": torch.tensor(p["labels"], device=device)}
             for image_id, p in predictions.items()}
 
 
@@ -229,12 +230,12 @@ def test_per_class_csv_counts_only_the_evaluated_images_and_no_crowd(tiny_gt, tm
         ("car", "1.0000", "1", "1"), ("train", "", "0", "0"), ("toothbrush", "0.0000", "1", "0")]
 
 
-def test_perfect_predictions_give_ap_one(coco_gt, backend):
+def test_perfect_predictions_give_ap_one(coco_gt, backend, device):
     label_to_category_id = sorted(coco_gt.getCatIds())
     label_of = {category_id: label for label, category_id in enumerate(label_to_category_id)}
     truth = [{**ann, "score": 1.0} for ann in coco_gt.dataset["annotations"] if not ann["iscrowd"]]
     evaluator = CocoEvaluator(GT, label_to_category_id, backend=backend)
-    evaluator.update(_predictions_from(truth, label_of))
+    evaluator.update(_predictions_from(truth, label_of, device))
     summary = evaluator.summarize()
     assert summary["AP"] == pytest.approx(1.0) and summary["AP50"] == pytest.approx(1.0)
     assert summary["AR100"] == pytest.approx(1.0)
@@ -246,10 +247,12 @@ def test_no_predictions_give_zero_without_error(tiny_gt, backend):
     assert summary["per_class"] == {"car": 0.0, "train": 0.0, "toothbrush": 0.0}
 
 
-def test_update_maps_contiguous_labels_to_category_ids_and_xyxy_to_xywh(tiny_gt):
+def test_update_maps_contiguous_labels_to_category_ids_and_xyxy_to_xywh(tiny_gt, device):
     evaluator = CocoEvaluator(tiny_gt, [3, 7, 90])
-    evaluator.update({torch.tensor(1): {"boxes": torch.tensor([[1.0, 2.0, 11.0, 22.0]]), "scores": torch.tensor([0.5]),
-                                        "labels": torch.tensor([2])}})
+    # A model's output on its device: fp16 boxes and scores, as under autocast, are read as their values.
+    evaluator.update({torch.tensor(1): {"boxes": torch.tensor([[1.0, 2.0, 11.0, 22.0]], device=device).half(),
+                                        "scores": torch.tensor([0.5], device=device).half(),
+                                        "labels": torch.tensor([2], device=device)}})
     assert evaluator.results() == [{"image_id": 1, "category_id": 90, "bbox": [1.0, 2.0, 10.0, 20.0], "score": 0.5}]
 
 

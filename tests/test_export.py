@@ -99,19 +99,20 @@ def match_detections(got: dict[str, np.ndarray], ref: dict[str, torch.Tensor], *
 
 
 @pytest.mark.slow
-def test_onnx_graph_gives_pytorchs_detections_at_any_image_size(tmp_path, tiny, one_thread):
+def test_onnx_graph_gives_pytorchs_detections_at_any_image_size(tmp_path, tiny, one_thread, device):
     pytest.importorskip("onnxruntime")
     checkpoint = make_checkpoint(tmp_path, tiny)
-    path = export_onnx(checkpoint, tmp_path / "model.onnx")
-    model, _ = load_model(checkpoint, device="cpu")
+    path = export_onnx(checkpoint, tmp_path / "model.onnx")  # the graph is traced on the CPU, whatever the device
+    model, _ = load_model(checkpoint, device=device)
     session = one_thread_session(path)
     assert session.get_inputs()[0].shape == [3, "height", "width"]
     non_square = torch.rand(3, 48, 72, generator=torch.Generator().manual_seed(1))  # resized to 64 x 96 in the graph
     images = [load_image(image_path) for image_path in val_images(tmp_path)] + [non_square]
     counts = []
     for image in images:
-        with torch.no_grad():
-            ref = model([image])[0]
+        # cuDNN's TF32 convolutions would round to 10 bits, more than the scores' tolerance.
+        with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            ref = {key: value.cpu() for key, value in model([image.to(device)])[0].items()}
         got = run_onnx(session, image)
         assert got["boxes"].dtype == np.float32 and got["labels"].dtype == np.int64
         assert np.all(np.diff(got["scores"]) <= 0), "scores must come in descending order"
@@ -294,3 +295,13 @@ def test_run_onnx_on_a_folder_says_it_is_a_folder(tmp_path):
     pytest.importorskip("onnxruntime")
     with pytest.raises(ValueError, match=f"^ONNX model {tmp_path} is a folder, expected an .onnx file$"):
         run_onnx(tmp_path, np.zeros((3, 8, 8), np.float32))
+
+
+def test_export_over_its_own_checkpoint_is_refused_even_with_overwrite(tmp_path):
+    from detfocal.engine.export import export_onnx
+
+    checkpoint = tmp_path / "ck.pth"
+    torch.save({"iteration": 1}, checkpoint)
+    with pytest.raises(ValueError, match="is the checkpoint being exported"):
+        export_onnx(checkpoint, checkpoint, overwrite=True)
+    assert torch.load(checkpoint, weights_only=True) == {"iteration": 1}

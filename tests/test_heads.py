@@ -36,8 +36,8 @@ def reference_focal_sum(logits: torch.Tensor, labels: torch.Tensor, alpha: float
     return (loss * (labels != -1).unsqueeze(-1)).sum()
 
 
-def make_batch(num_images: int = 3, num_anchors: int = 60, dtype=torch.float32):
-    """Logits, targets and matched_idxs covering matches, background, ignored and a box-less image."""
+def make_batch(num_images: int = 3, num_anchors: int = 60, dtype=torch.float32, device="cpu"):
+    """Logits, targets and matched_idxs covering matches, background, ignored and a box-less image, on ``device``."""
     generator = torch.Generator().manual_seed(1)
     logits = (3 * torch.randn(num_images, num_anchors, NUM_CLASSES, generator=generator)).to(dtype)
     targets, matched_idxs = [], []
@@ -49,16 +49,17 @@ def make_batch(num_images: int = 3, num_anchors: int = 60, dtype=torch.float32):
         if num_boxes == 0:
             matched = torch.full((num_anchors,), -1)
         matched_idxs.append(matched)
-    return logits, targets, matched_idxs
+    targets = [{key: value.to(device) for key, value in target.items()} for target in targets]
+    return logits.to(device), targets, [matched.to(device) for matched in matched_idxs]
 
 
 # ----------------------------------------------------------------------------------
 # Normalisation modes.
 # ----------------------------------------------------------------------------------
-def test_image_normalization_equals_torchvision_compute_loss_values_and_grads():
-    logits, targets, matched_idxs = make_batch()
-    torchvision_head = RetinaNetClassificationHead(8, 9, NUM_CLASSES)
-    focal_head = FocalClassificationHead(8, 9, NUM_CLASSES, normalization="image")
+def test_image_normalization_equals_torchvision_compute_loss_values_and_grads(device):
+    logits, targets, matched_idxs = make_batch(device=device)
+    torchvision_head = RetinaNetClassificationHead(8, 9, NUM_CLASSES).to(device)
+    focal_head = FocalClassificationHead(8, 9, NUM_CLASSES, normalization="image").to(device)
     expected_logits = logits.clone().requires_grad_()
     expected = torchvision_head.compute_loss(targets, {"cls_logits": expected_logits}, matched_idxs)
     expected.backward()
@@ -69,8 +70,8 @@ def test_image_normalization_equals_torchvision_compute_loss_values_and_grads():
     torch.testing.assert_close(got_logits.grad, expected_logits.grad, rtol=1e-5, atol=1e-5)
 
 
-def test_batch_normalization_equals_sum_over_total_positives_float64():
-    logits, targets, matched_idxs = make_batch(dtype=torch.float64)
+def test_batch_normalization_equals_sum_over_total_positives_float64(device):
+    logits, targets, matched_idxs = make_batch(dtype=torch.float64, device=device)
     labels = labels_from_matched_idxs(targets, matched_idxs, NUM_CLASSES)
     num_positive = int(((labels >= 0) & (labels < NUM_CLASSES)).sum())
     assert num_positive > 1
@@ -78,7 +79,7 @@ def test_batch_normalization_equals_sum_over_total_positives_float64():
     expected = reference_focal_sum(expected_logits, labels) / num_positive
     expected.backward()
     got_logits = logits.clone().requires_grad_()
-    head = FocalClassificationHead(8, 9, NUM_CLASSES)  # "batch" is the default
+    head = FocalClassificationHead(8, 9, NUM_CLASSES).to(device)  # "batch" is the default
     got = head.compute_loss(targets, {"cls_logits": got_logits}, matched_idxs)
     got.backward()
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
@@ -125,17 +126,20 @@ def test_batch_normalizer_keeps_float64_exact_under_a_world_size(monkeypatch):
     torch.testing.assert_close(got, reference_focal_sum(logits, labels) * 3 / num_positive, rtol=1e-14, atol=0)
 
 
-def test_labels_from_matched_idxs_gathers_box_labels_background_and_ignore():
-    targets = [{"labels": torch.tensor([2, 0])}, {"labels": torch.zeros(0, dtype=torch.long)}]
-    matched_idxs = [torch.tensor([1, -1, 0, -2]), torch.tensor([-1, -2, -1, -1])]
+def test_labels_from_matched_idxs_gathers_box_labels_background_and_ignore(device):
+    targets = [{"labels": torch.tensor([2, 0], device=device)},
+               {"labels": torch.zeros(0, dtype=torch.long, device=device)}]
+    matched_idxs = [torch.tensor([1, -1, 0, -2], device=device), torch.tensor([-1, -2, -1, -1], device=device)]
     labels = labels_from_matched_idxs(targets, matched_idxs, NUM_CLASSES)
+    assert labels.device.type == device
     assert labels.tolist() == [[0, NUM_CLASSES, 2, -1], [NUM_CLASSES, -1, NUM_CLASSES, NUM_CLASSES]]
 
 
 def _ema_steps(head: FocalClassificationHead, steps):
     losses = []
     for logits, labels in steps:
-        matched = torch.where(labels == NUM_CLASSES, -1, torch.where(labels == -1, -2, torch.arange(labels.shape[1])))
+        matched = torch.where(labels == NUM_CLASSES, -1,
+                              torch.where(labels == -1, -2, torch.arange(labels.shape[1], device=labels.device)))
         targets = [{"labels": row.clamp(0, NUM_CLASSES - 1)} for row in labels]
         losses.append(head.compute_loss(targets, {"cls_logits": logits}, list(matched)))
     return losses
@@ -150,9 +154,10 @@ def _ema_batch(seed: int, num_positive: int):
     return logits, labels
 
 
-def test_ema_normalization_follows_detectron2_formula():
+def test_ema_normalization_follows_detectron2_formula(device):
     head = FocalClassificationHead(8, 9, NUM_CLASSES, normalization="ema", ema_momentum=0.9).double().train()
-    steps = [_ema_batch(seed, count) for seed, count in ((0, 7), (1, 0), (2, 30))]
+    head = head.to(device)
+    steps = [tuple(t.to(device) for t in _ema_batch(seed, count)) for seed, count in ((0, 7), (1, 0), (2, 30))]
     losses = _ema_steps(head, steps)
     # detectron2 RetinaNet.losses: normalizer = _ema_update(max(num_pos, 1), initial 100, momentum 0.9).
     ema = 100.0
@@ -191,16 +196,18 @@ def test_extra_buffer_exists_only_with_ema():
 # Degenerate batches.
 # ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("normalization", ["batch", "image", "ema"])
-def test_negative_only_images_give_finite_loss_and_grads(normalization):
-    logits = torch.randn(2, 50, NUM_CLASSES, requires_grad=True)
-    targets = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)} for _ in range(2)]
-    head = FocalClassificationHead(8, 9, NUM_CLASSES, normalization=normalization)
-    loss = head.compute_loss(targets, {"cls_logits": logits}, [torch.full((50,), -1)] * 2)
+def test_negative_only_images_give_finite_loss_and_grads(normalization, device):
+    logits = torch.randn(2, 50, NUM_CLASSES).to(device).requires_grad_()
+    targets = [{"boxes": torch.zeros(0, 4, device=device), "labels": torch.zeros(0, dtype=torch.long, device=device)}
+               for _ in range(2)]
+    head = FocalClassificationHead(8, 9, NUM_CLASSES, normalization=normalization).to(device)
+    loss = head.compute_loss(targets, {"cls_logits": logits}, [torch.full((50,), -1, device=device)] * 2)
     loss.backward()
     assert torch.isfinite(loss) and loss > 0
     assert torch.isfinite(logits.grad).all()
     if normalization == "batch":  # no positives: the sum over all negatives, divided by 1
-        torch.testing.assert_close(loss.double(), reference_focal_sum(logits.detach(), torch.full((2, 50), 4)))
+        torch.testing.assert_close(loss.double(), reference_focal_sum(logits.detach(), torch.full((2, 50), 4,
+                                                                                                 device=device)))
 
 
 @pytest.mark.parametrize("normalization", ["batch", "image", "ema"])
@@ -231,13 +238,13 @@ def test_empty_batch_gives_zero_loss_and_zero_grads(normalization, shape):
 # ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("normalization", ["batch", "image", "ema"])
-def test_half_precision_head_gradient_is_float64_gradient_rounded_once(normalization, dtype):
-    logits = torch.randn(2, 500, 8) * 3 - 4
-    labels = torch.full((2, 500), 8)
+def test_half_precision_head_gradient_is_float64_gradient_rounded_once(normalization, dtype, device):
+    logits = (torch.randn(2, 500, 8) * 3 - 4).to(device)
+    labels = torch.full((2, 500), 8, device=device)
     labels[0, :30], labels[1, :3], labels[1, 3:6] = 3, 5, -1
 
     def loss_fn(x):
-        ema = torch.tensor(100.0) if normalization == "ema" else None
+        ema = torch.tensor(100.0, device=device) if normalization == "ema" else None
         return focal_head_loss(x, labels, normalization=normalization, num_foreground_ema=ema)
 
     for scale in LOSS_SCALES:

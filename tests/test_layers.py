@@ -1,5 +1,5 @@
 """The package's layers import only downward: utils -> config -> losses -> data -> modeling ->
-evaluation -> engine -> the command layer (cli, benchmark, ablate). Function-level imports count too:
+evaluation -> engine -> the command layer (cli, benchmark, ablate, study). Function-level imports count too:
 a lazy import that runs upward is still a cycle waiting to happen."""
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "detfocal"
 LAYERS = ["utils", "config", "losses", "data", "modeling", "evaluation", "engine", "commands"]
-COMMANDS = {"cli", "benchmark", "ablate", "__main__", "__init__"}  # the package root's lazy names count as commands
+# The command layer's modules; __init__ too, as the package root's lazy names count as commands.
+COMMANDS = {"cli", "benchmark", "ablate", "study", "__main__", "__init__"}
 PRIVATE = re.compile(r"\btorch\._[A-Za-z]\w*|torchvision\.models\.detection\._utils")
 
 

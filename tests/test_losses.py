@@ -23,7 +23,8 @@ def _value_and_grad(fn, logits, *args, **kwargs):
     x = logits.detach().clone().requires_grad_(True)
     out = fn(x, *args, **kwargs)
     # A non-uniform upstream gradient also checks "none"'s elementwise backward.
-    upstream = torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype).reshape(out.shape) if out.dim() else 1.0
+    upstream = (torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype, device=out.device).reshape(out.shape)
+                if out.dim() else 1.0)
     (grad,) = torch.autograd.grad((out * upstream).sum(), x)
     return out.detach(), grad
 
@@ -66,25 +67,25 @@ def test_soft_targets_match_torchvision(gamma):
     torch.testing.assert_close(our_grad, their_grad)
 
 
-def test_fp32_matches_torchvision_fp32():
-    logits = torch.randn(2, 300, 80) * 4
-    targets = (torch.rand(2, 300, 80) < 0.01).float()
+def test_fp32_matches_torchvision_fp32(device):
+    logits = (torch.randn(2, 300, 80) * 4).to(device)
+    targets = (torch.rand(2, 300, 80) < 0.01).float().to(device)
     ours, our_grad = _value_and_grad(sigmoid_focal_loss, logits, targets, 0.25, 2.0, "sum")
     theirs, their_grad = _value_and_grad(tv_sigmoid_focal_loss, logits, targets, 0.25, 2, "sum")
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(our_grad, their_grad, rtol=1e-4, atol=1e-7)
 
 
-def test_matches_float64_formula():
-    logits = torch.randn(50, 7, dtype=torch.float64) * 5
-    targets = (torch.rand(50, 7) < 0.3).double()
+def test_matches_float64_formula(device):
+    logits = (torch.randn(50, 7, dtype=torch.float64) * 5).to(device)
+    targets = (torch.rand(50, 7) < 0.3).double().to(device)
     torch.testing.assert_close(sigmoid_focal_loss(logits, targets, 0.3, 1.5),
                                _reference_focal64(logits, targets, 0.3, 1.5))
 
 
 # ---------------------------------------------------------------- integer labels
 def _one_hot_rows(labels, num_classes):
-    one_hot = torch.zeros(*labels.shape, num_classes + 1, dtype=torch.float64)
+    one_hot = torch.zeros(*labels.shape, num_classes + 1, dtype=torch.float64, device=labels.device)
     one_hot.scatter_(-1, labels.clamp(min=0).unsqueeze(-1), 1.0)
     return one_hot[..., :num_classes]
 
@@ -92,11 +93,12 @@ def _one_hot_rows(labels, num_classes):
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 @pytest.mark.parametrize("ignore_index", [-1, 255])
 @pytest.mark.parametrize("gamma", [0.5, 2.0])
-def test_integer_labels_equal_float_path_on_one_hot(reduction, ignore_index, gamma):
+def test_integer_labels_equal_float_path_on_one_hot(reduction, ignore_index, gamma, device):
     num_classes = 6
-    logits = torch.randn(4, 30, num_classes, dtype=torch.float64) * 3
+    logits = (torch.randn(4, 30, num_classes, dtype=torch.float64) * 3).to(device)
     labels = torch.randint(0, num_classes + 1, (4, 30))  # num_classes = background
     labels[torch.rand(4, 30) < 0.2] = ignore_index
+    labels = labels.to(device)
     keep = labels != ignore_index
 
     ours, our_grad = _value_and_grad(sigmoid_focal_loss, logits, labels, 0.25, gamma, reduction,
@@ -108,7 +110,7 @@ def test_integer_labels_equal_float_path_on_one_hot(reduction, ignore_index, gam
         ref[keep] = tv_sigmoid_focal_loss(ref_logits, ref_targets, 0.25, gamma, "none")
         torch.testing.assert_close(ours, ref)
         x = ref_logits.clone().requires_grad_(True)
-        upstream = torch.linspace(0.5, 1.5, logits.numel(), dtype=logits.dtype).reshape(logits.shape)
+        upstream = torch.linspace(0.5, 1.5, logits.numel(), dtype=logits.dtype, device=device).reshape(logits.shape)
         tv_sigmoid_focal_loss(x, ref_targets, 0.25, gamma, "none").mul(upstream[keep]).sum().backward()
         torch.testing.assert_close(our_grad[keep], x.grad)
     else:
@@ -244,8 +246,8 @@ def test_gradient_at_saturated_logits_is_the_papers_closed_form():
 
 
 # ---------------------------------------------------------------- mixed precision vs float64
-def _half_precision_cases(reduction):
-    """name -> (loss_fn(x), float32 input): detector-like logits (randn * 3 - 4) and their labels."""
+def _half_precision_cases(reduction, device="cpu"):
+    """name -> (loss_fn(x), float32 input): detector-like logits (randn * 3 - 4) and their labels, on ``device``."""
     generator = torch.Generator().manual_seed(11)
     shape = (2, 300, 12)
     logits = torch.randn(*shape, generator=generator) * 3 - 4
@@ -257,6 +259,8 @@ def _half_precision_cases(reduction):
     scores = torch.rand(shape[:2], generator=generator)
     iou = torch.where(hard > 0, torch.rand(shape, generator=generator), 0.0)
     probs = torch.sigmoid(torch.randn(shape, generator=generator) * 1.5)
+    logits, labels, hard, soft, scores, iou, probs = (t.to(device) for t in (logits, labels, hard, soft, scores, iou,
+                                                                             probs))
     return {
         "sigmoid_labels": (lambda x: sigmoid_focal_loss(x, labels, 0.25, 2.0, reduction), logits),
         "sigmoid_soft": (lambda x: sigmoid_focal_loss(x, soft, 0.25, 2.0, reduction), logits),
@@ -272,19 +276,20 @@ def _half_precision_cases(reduction):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 @pytest.mark.parametrize("name", list(_half_precision_cases("sum")))
-def test_half_precision_gradient_is_float64_gradient_rounded_once_at_every_loss_scale(name, reduction, dtype):
-    loss_fn, inputs = _half_precision_cases(reduction)[name]
+def test_half_precision_gradient_is_float64_gradient_rounded_once_at_every_loss_scale(name, reduction, dtype, device):
+    loss_fn, inputs = _half_precision_cases(reduction, device)[name]
     for scale in LOSS_SCALES:
         assert_half_grad_matches_float64(loss_fn, inputs.to(dtype), scale)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_half_precision_gradient_of_a_detector_batch_has_no_nan_and_no_flushed_zeros(dtype):
+def test_half_precision_gradient_of_a_detector_batch_has_no_nan_and_no_flushed_zeros(dtype, device):
     """[1, 4000, 80] fp16 logits, 50 positives: a gradient saved in fp16 gave all NaN at GradScaler's
     65536 and, for "mean" at 2^10, ~96k zeros where the rounded float64 gradient is not."""
-    logits = (torch.randn(1, 4000, 80) * 3 - 4).to(dtype)
+    logits = (torch.randn(1, 4000, 80) * 3 - 4).to(device, dtype)
     labels = torch.full((1, 4000), 80)
     labels[0, torch.randperm(4000)[:50]] = torch.randint(0, 80, (50,))
+    labels = labels.to(device)
     for reduction, scale in (("sum", 2.0 ** 16), ("mean", 2.0 ** 10)):
         assert_half_grad_matches_float64(lambda x: sigmoid_focal_loss(x, labels, reduction=reduction), logits, scale)
 
@@ -559,10 +564,10 @@ def test_alpha_tensor_gradient_matches_float64_autograd(reduction):
 @pytest.mark.parametrize("targets", ["labels", "float"])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("normalizer", [7.0, torch.tensor(0.37), torch.tensor([1e-3], dtype=torch.float64)])
-def test_normalizer_divides_the_reduced_loss_and_its_gradient_as_float64(targets, reduction, normalizer):
+def test_normalizer_divides_the_reduced_loss_and_its_gradient_as_float64(targets, reduction, normalizer, device):
     torch.manual_seed(0)
-    logits = torch.randn(3, 40, 5) * 3
-    labels = torch.randint(-1, 6, (3, 40))
+    logits = (torch.randn(3, 40, 5) * 3).to(device)
+    labels = torch.randint(-1, 6, (3, 40)).to(device)
     one_hot = F.one_hot(labels.clamp(min=0), 6)[..., :5].float()
     target = labels if targets == "labels" else one_hot
     keep = (labels != -1).unsqueeze(-1).double() if targets == "labels" else torch.ones_like(one_hot, dtype=torch.float64)
@@ -962,11 +967,11 @@ def test_compile_failure_falls_back_to_eager_once_with_warning(fresh_backend, mo
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not __import__("detfocal.losses.compile", fromlist=["x"]).compile_supported("cpu"),
-                    reason="torch.compile needs a C++ compiler on CPU")
-def test_compiled_matches_eager_and_does_not_recompile_per_n(fresh_backend, monkeypatch):
+def test_compiled_matches_eager_and_does_not_recompile_per_n(fresh_backend, monkeypatch, device):
     import torch._dynamo
 
+    if not fresh_backend.compile_supported(device):
+        pytest.skip("torch.compile needs a C++ compiler on CPU" if device == "cpu" else "torch.compile needs Triton")
     torch._dynamo.reset()
     num_classes = 7
     results = {}
@@ -975,9 +980,9 @@ def test_compiled_matches_eager_and_does_not_recompile_per_n(fresh_backend, monk
         runs = []
         for n in (50, 64, 90, 123):
             generator = torch.Generator().manual_seed(n)
-            logits = (torch.randn(2, n, num_classes, generator=generator) * 4).requires_grad_(True)
-            labels = torch.randint(-1, num_classes + 1, (2, n), generator=generator)
-            soft = torch.rand(2, n, num_classes, generator=generator)
+            logits = (torch.randn(2, n, num_classes, generator=generator) * 4).to(device).requires_grad_(True)
+            labels = torch.randint(-1, num_classes + 1, (2, n), generator=generator).to(device)
+            soft = torch.rand(2, n, num_classes, generator=generator).to(device)
             out_int = sigmoid_focal_loss(logits, labels, [0.2] * num_classes, 0.5, "mean")
             out_float = sigmoid_focal_loss(logits, soft, 0.25, 2.0, "sum")
             (grad,) = torch.autograd.grad(out_int + out_float, logits)

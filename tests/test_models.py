@@ -20,7 +20,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from detfocal.modeling.backbones import LastLevelP6P7Fp32
 from detfocal.modeling.heads import FocalClassificationHead, focal_head_loss, labels_from_matched_idxs
 from detfocal.modeling import retinanet
-from detfocal.modeling.matching import anchor_crowd_ioa, match_anchors, match_anchors_batched
+from detfocal.modeling.matching import anchor_crowd_ioa, match_anchors, match_anchors_batched, split_crowd
 from detfocal.modeling.retinanet import (CachedAnchorGenerator, FocalRetinaNet, build_retinanet, convert_retinanet,
                                          resolve_backbone_weights)
 from detfocal.utils.registry import BACKBONES, DETECTORS, HEADS, Registry
@@ -64,10 +64,11 @@ def test_background_anchors_inside_crowd_boxes_become_ignored(crowd_dtype):
     backbone.out_channels = 8
     model = FocalRetinaNet(backbone, 2, head=RecordingHead(), proposal_matcher=Matcher(0.5, 0.4, False))
     model.compute_loss([target], {}, [anchors])
-    # matched_idxs index the boxes the heads see: the crowd box is gone, the real box is 0.
-    assert recorded["targets"][0]["boxes"].tolist() == [[0.0, 0.0, 10.0, 10.0]]
-    assert recorded["targets"][0]["labels"].tolist() == [0]
-    assert recorded["matched_idxs"][0].tolist() == [0, -2, -2, -1, -1, 0]
+    # The heads see the boxes as given, and matched_idxs index into them: the crowd box (0) is
+    # never matched, the real box is 1.
+    assert recorded["targets"][0]["boxes"].tolist() == [[100.0, 100.0, 200.0, 200.0], [0.0, 0.0, 10.0, 10.0]]
+    assert recorded["targets"][0]["labels"].tolist() == [1, 0]
+    assert recorded["matched_idxs"][0].tolist() == [1, -2, -2, -1, -1, 1]
 
 
 def test_anchor_crowd_ioa_is_intersection_over_anchor_area():
@@ -107,13 +108,97 @@ def matching_batch(anchor_dtype=torch.float32):
 
 @pytest.mark.parametrize("anchor_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("low_quality", [True, False], ids=["low_quality", "thresholds_only"])
-def test_batched_matching_equals_torchvision_matcher_image_by_image(anchor_dtype, low_quality):
+def test_batched_matching_equals_torchvision_matcher_image_by_image(anchor_dtype, low_quality, device):
     anchors, boxes, crowd = matching_batch(anchor_dtype)
     matcher = Matcher(0.5, 0.4, allow_low_quality_matches=low_quality)
-    expected = torch.stack([match_anchors(anchors, b, matcher, c) for b, c in zip(boxes, crowd)])
-    got = match_anchors_batched(anchors, boxes, matcher, crowd)
-    assert got.dtype == torch.int64 and torch.equal(got, expected)
+    expected = torch.stack([match_anchors(anchors, b, matcher, c) for b, c in zip(boxes, crowd)])  # on the CPU
+    got = match_anchors_batched(anchors.to(device), [b.to(device) for b in boxes], matcher,
+                                [c if c is None else c.to(device) for c in crowd])
+    assert got.dtype == torch.int64 and got.device.type == device and torch.equal(got.cpu(), expected)
     assert (got == 0).any() and (got == -2).any()  # the batch exercises matches and ignored anchors
+
+
+def flagged_batch(anchor_dtype=torch.float32):
+    """matching_batch's images with their crowd boxes among the real ones (after the first), flagged by
+    ``iscrowd``: no flags at all, crowd only, a box far away, 5 boxes and 2 crowd; plus an image of crowd
+    boxes only and one whose int64 flags (as CocoDetection's) are all 0."""
+    anchors, boxes, crowd = matching_batch(anchor_dtype)
+    all_boxes, flags = [boxes[0]], [None]
+    for b, c in zip(boxes[1:], crowd[1:]):
+        all_boxes.append(torch.cat([b[:1], c, b[1:]]))
+        flags.append(torch.cat([torch.zeros(len(b[:1])), torch.ones(len(c)), torch.zeros(len(b[1:]))]).bool())
+    all_boxes += [crowd[3], boxes[3]]
+    flags += [torch.ones(2, dtype=torch.int64), torch.zeros(5, dtype=torch.int64)]
+    return anchors, all_boxes, flags
+
+
+def split_crowd_reference(anchors, boxes, iscrowd, matcher):
+    """Per image on the CPU: split_crowd, match_anchors on the real boxes, indices mapped back to ``boxes``."""
+    if iscrowd is None:
+        return match_anchors(anchors, boxes, matcher)
+    kept, crowd_boxes = split_crowd({"boxes": boxes, "iscrowd": iscrowd})
+    matched = match_anchors(anchors, kept["boxes"], matcher, crowd_boxes)
+    position = [index for index, flag in enumerate(iscrowd.tolist()) if not flag]  # kept box k is box position[k]
+    return torch.tensor([position[m] if m >= 0 else m for m in matched.tolist()])
+
+
+@pytest.mark.parametrize("anchor_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("low_quality", [True, False], ids=["low_quality", "thresholds_only"])
+def test_crowd_boxes_flagged_among_the_boxes_match_as_split_crowd_image_by_image(anchor_dtype, low_quality, device):
+    anchors, boxes, flags = flagged_batch(anchor_dtype)
+    matcher = Matcher(0.5, 0.4, allow_low_quality_matches=low_quality)
+    expected = torch.stack([split_crowd_reference(anchors, b, f, matcher) for b, f in zip(boxes, flags)])
+    got = match_anchors_batched(anchors.to(device), [b.to(device) for b in boxes], matcher,
+                                iscrowd=[f if f is None else f.to(device) for f in flags])
+    assert got.device.type == device and torch.equal(got.cpu(), expected)
+    assert (got == -2).any() and (got[3] >= 0).any()  # ignored anchors, and matches beside crowd boxes
+    for image, flag in enumerate(flags):  # a crowd box is never matched
+        if flag is not None and flag.any():
+            assert not torch.isin(got[image].cpu(), flag.bool().nonzero().squeeze(1)).any()
+
+
+def test_model_matches_flagged_crowd_boxes_alike_in_one_call_image_by_image_or_per_image_matcher(monkeypatch):
+    anchors, boxes, flags = flagged_batch()
+    backbone = nn.Identity()
+    backbone.out_channels = 8
+    model = FocalRetinaNet(backbone, 2, head=nn.Identity())
+    expected = [split_crowd_reference(anchors, b, f, model.proposal_matcher) for b, f in zip(boxes, flags)]
+    num_images = len(boxes)
+    assert all(torch.equal(g, e) for g, e in zip(model.match([anchors] * num_images, boxes, iscrowd=flags), expected))
+    model.proposal_matcher = PerImageMatcher(0.5, 0.4, True)  # split_crowd per image, then mapped back
+    assert all(torch.equal(g, e) for g, e in zip(model.match([anchors] * num_images, boxes, iscrowd=flags), expected))
+    monkeypatch.setattr(retinanet, "MATCH_BATCH_ELEMENTS", 1)  # over budget: one image per call
+    model.proposal_matcher = Matcher(0.5, 0.4, True)
+    assert all(torch.equal(g, e) for g, e in zip(model.match([anchors] * num_images, boxes, iscrowd=flags), expected))
+
+
+def test_crowd_flags_give_the_losses_of_targets_with_the_crowd_boxes_removed(device):
+    """compute_loss keeps crowd boxes in the targets (no host sync); the heads' losses are those of
+    split_crowd's targets matched with the crowd boxes apart (the per-image path it replaced)."""
+    model = build_retinanet(3, "resnet18", **SMALL).to(device).train()
+    images, targets = small_batch()
+    targets[0] = {"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0], [64.0, 60.0, 128.0, 128.0],
+                                         [70.0, 64.0, 120.0, 110.0]]),
+                  "labels": torch.tensor([0, 1, 2]), "iscrowd": torch.tensor([0, 1, 0])}
+    targets[1] = {**targets[1], "iscrowd": torch.tensor([0])}
+    targets.append({"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long),
+                    "iscrowd": torch.zeros(0, dtype=torch.long)})
+    images.append(images[0].flip(-1))
+    images = [image.to(device) for image in images]
+    targets = [{key: value.to(device) for key, value in target.items()} for target in targets]
+    image_list, resized = model.transform(images, [dict(target) for target in targets])
+    features = list(model.backbone(image_list.tensors).values())
+    head_outputs = model.head(features)
+    anchors = model.anchor_generator(image_list, features)
+    got = model.compute_loss(resized, head_outputs, anchors)
+    kept, crowd_boxes = zip(*(split_crowd(target) for target in resized))
+    matched_idxs = model.match(anchors, [target["boxes"] for target in kept], list(crowd_boxes))
+    expected = retinanet.retinanet_head_loss(model.head, list(kept), head_outputs, anchors, matched_idxs,
+                                             model.box_coder)
+    assert set(got) == {"classification", "bbox_regression"}
+    assert all(torch.equal(got[name], expected[name]) for name in got), (got, expected)
+    # The crowd box matters: without it some anchors of the first image would be background.
+    assert not torch.equal(matched_idxs[0], model.match(anchors, [target["boxes"] for target in kept])[0])
 
 
 def test_model_matching_in_one_call_image_by_image_or_per_image_matcher_agree(monkeypatch):
@@ -130,11 +215,11 @@ def test_model_matching_in_one_call_image_by_image_or_per_image_matcher_agree(mo
     assert all(torch.equal(g, e) for g, e in zip(model.match([anchors] * 4, boxes, crowd), expected))
 
 
-def test_image_without_boxes_gives_finite_classification_and_zero_box_loss():
-    model = build_retinanet(3, "resnet18", **SMALL).train()
+def test_image_without_boxes_gives_finite_classification_and_zero_box_loss(device):
+    model = build_retinanet(3, "resnet18", **SMALL).to(device).train()
     images, targets = small_batch()
-    targets[1] = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}
-    losses = model(images[1:], targets[1:])
+    targets[1] = {"boxes": torch.zeros(0, 4, device=device), "labels": torch.zeros(0, dtype=torch.long, device=device)}
+    losses = model([images[1].to(device)], targets[1:])
     assert set(losses) == {"classification", "bbox_regression"}
     assert torch.isfinite(losses["classification"]) and losses["classification"] > 0
     assert losses["bbox_regression"].item() == 0.0

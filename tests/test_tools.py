@@ -270,7 +270,8 @@ def test_train_and_eval_on_the_coco_val2014_sample(tmp_path, capsys, one_thread)
 def test_help_lists_every_command_without_importing_torch():
     result = run_tool("-X", "importtime", "-m", "detfocal", "--help")
     assert result.returncode == 0
-    for command in ("train", "eval", "infer", "export", "subset", "shapes", "benchmark", "ablate", "plot-focal"):
+    for command in ("train", "eval", "infer", "export", "subset", "shapes", "benchmark", "ablate", "study",
+                    "plot-focal"):
         assert f"    {command}" in result.stdout
     imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if "|" in line}
     assert "torch" not in imported and "detfocal.config" not in imported
@@ -520,3 +521,60 @@ def test_a_bad_weights_backbone_file_is_one_line(tmp_path, tiny, capsys, kind, m
     err = one_error_line(capsys)
     assert code == 2 and message in err, err
     assert f"weights_backbone={str(path)!r}" in err or f"weights_backbone: {str(path)!r}" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# tools/gpu_check.sh: the one-shot check of the CUDA path (docs/how-to/gpu-check.md)
+
+
+def run_gpu_check(*args: str, tmp_path: Path, hide_cuda: bool = False) -> subprocess.CompletedProcess:
+    """``bash tools/gpu_check.sh ARGS`` as the user runs it; its run folders go to tmp_path (TMPDIR)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHON": sys.executable,
+           "TMPDIR": str(tmp_path)}
+    if hide_cuda:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return subprocess.run(["bash", "tools/gpu_check.sh", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_gpu_check_refuses_in_one_line_without_a_cuda_device(tmp_path):
+    result = run_gpu_check("--json", str(tmp_path / "check.json"), tmp_path=tmp_path, hide_cuda=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("error: --cases gpu: no CUDA device here (torch.cuda.is_available() is False); "
+                                     "the GPU check needs one (--device cpu --quick runs it dry on the CPU)")
+    assert not (tmp_path / "check.json").exists() and "GPU check" not in result.stdout
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_on_the_cpu_prints_one_table_and_writes_json(tmp_path):
+    out = tmp_path / "check.json"
+    # CUDA hidden: on a GPU machine too, the dry run is the CPU's (its tests skipped, its runs on the CPU).
+    result = run_gpu_check("--device", "cpu", "--quick", "--json", str(out), tmp_path=tmp_path, hide_cuda=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    table = [line for line in result.stdout.splitlines() if line.startswith("|")]
+    assert table[:2] == ["| check | setting | result | target | verdict |", "|---|---|---|---|---|"]
+    rows = table[2:]
+    checks = [line.split(" | ")[0].strip("| ") for line in rows]
+    # The step rows: fp32, and train.amp auto's choice where it is not fp32 (bf16 on a CPU with AVX-512-BF16).
+    assert checks[:12] == ["tests"] + ["loss"] * 9 + ["train"] * 2 and checks[-1] == "nccl"
+    assert checks[12:-1] in (["step"], ["step"] * 2)
+    assert all(line.endswith("| - |") for line in rows), rows  # a dry run: no errors, no targets
+    assert "pytest -m cuda test_heads.py" in rows[0] and "skipped" in rows[0]
+    assert "skipped: 0 CUDA device(s); the two-process NCCL run needs 2" in rows[-1]
+    saved = json.loads(out.read_text())
+    assert saved["device"] == "cpu" and saved["quick"] is True and saved["table"].splitlines() == table
+    details = saved["results"]["gpu"]
+    assert [run["amp"] for run in details["train"]] == ["auto", "bf16"]
+    assert all(run["iterations"] == 2 and run["finite"] for run in details["train"])
+    assert {row["dtype"] for row in details["loss"]} == {"fp32", "fp16", "bf16"}
+    assert Path(details["work_dir"]).parent == tmp_path  # the run folders and logs, kept for a look
+
+
+def test_subset_refuses_an_existing_out_file_without_overwrite(tmp_path, capsys):
+    source = Path(__file__).parent / "data" / "instances_val2014_100.json"
+    out = tmp_path / "results.json"
+    out.write_text("the user's results")
+    assert cli_main(["subset", str(source), "--max-images", "3", "--out", str(out)]) == 2
+    assert "exists; add --overwrite" in capsys.readouterr().err and out.read_text() == "the user's results"
+    assert cli_main(["subset", str(source), "--max-images", "3", "--out", str(out), "--overwrite"]) == 0
+    assert len(json.loads(out.read_text())["images"]) == 3

@@ -7,6 +7,7 @@ detfocal itself).
     detfocal benchmark                 # all cases, full size (~12 min on 2 cores)
     detfocal benchmark --quick         # smaller inputs, under 2 minutes
     detfocal benchmark --cases loss,scaling --json out.json
+    detfocal benchmark --cases gpu --json gpu_check.json   # the GPU check, alone (< 8 min on one GPU)
 
 Cases:
     loss      focal loss forward+backward at COCO scale: B=2, N=anchors of 800x1333 (P3-P7, 9 per
@@ -25,6 +26,11 @@ Cases:
               backbone, FPN, head convs, anchors, matching, target encoding, losses, optimizer.
               2 warm-up steps, then --repeats profiled steps (mean); --quick: batch 2, 3 steps.
               Also torchvision's stock RetinaNet of the same architecture (the "before").
+    gpu       the one-shot check of the CUDA path, run alone (docs/how-to/gpu-check.md): pytest -m cuda,
+              the loss in fp32/fp16/bf16 (compiled, eager, torchvision's head, one sigmoid pass), the demo's
+              step against torchvision's, 200 demo iterations with train.amp auto and bf16, a two-process
+              NCCL run on 2 GPUs; one table with the targets. Refuses without CUDA; --device cpu --quick is
+              its dry run on the CPU.
 """
 from __future__ import annotations
 
@@ -41,6 +47,7 @@ __all__ = ["CASES", "DefaultInputs", "build_specs", "default_inputs", "main", "p
 logger = logging.getLogger(__name__)
 
 CASES = ("loss", "scaling", "train", "eval", "inference", "profile")
+GPU_CASE = "gpu"  # not among the default cases: it needs a GPU, and runs alone
 
 
 class DefaultInputs(NamedTuple):
@@ -155,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="detfocal benchmark", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller inputs and fewer repeats (< 2 min)")
-    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of cases")
+    parser.add_argument("--cases", default=",".join(CASES),
+                        help=f"comma-separated subset of cases (default: all of them), or {GPU_CASE} alone")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats per case, at least 1 (default 7)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per case, at least 1 (default: all)")
@@ -192,9 +200,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.device not in (None, "cpu", "cuda"):
         raise ValueError(f"--device: expected cpu or cuda, got {args.device!r}")
     args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-    unknown = set(args.cases) - set(CASES)
+    unknown = set(args.cases) - set(CASES) - {GPU_CASE}
     if unknown or not args.cases:
-        raise ValueError(f"--cases: unknown or no case(s) {sorted(unknown)}; expected some of {', '.join(CASES)}")
+        raise ValueError(f"--cases: unknown or no case(s) {sorted(unknown)}; expected some of {', '.join(CASES)}, "
+                         f"or {GPU_CASE} alone")
+    if GPU_CASE in args.cases:
+        if args.cases != [GPU_CASE]:
+            raise ValueError(f"--cases: {GPU_CASE} runs alone (its steps run the other cases it needs), got "
+                             f"{','.join(args.cases)}")
+        if args.device == "cpu" and not args.quick:
+            raise ValueError("--cases gpu --device cpu is the dry run of the GPU check: add --quick")
     if args.json is not None:  # checked now, not after minutes of timing
         if args.json.is_dir():
             raise ValueError(f"--json {args.json} is a folder, expected a file")
@@ -216,15 +231,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     import torch
 
-    from detfocal.engine.precision import cpu_description
     from detfocal.utils.io import atomic_write
 
     from .report import report
     from .runner import run_cases
 
+    if args.cases == [GPU_CASE]:
+        return _gpu_check(args)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    machine = (f"{cpu_description()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-               f"device {args.device}" + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else ""))
+    machine = _machine(args.device)
     print(f"detfocal benchmark: {machine}{' (quick)' if args.quick else ''}", flush=True)
     specs = [{**spec, "case": name} for name, group in build_specs(args).items() for spec in group]
     if args.quick:
@@ -243,3 +258,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         payload = json.dumps({"machine": machine, "quick": args.quick, "results": results}, indent=2)
         print(f"wrote {atomic_write(args.json, lambda handle: handle.write(payload), binary=False)}")
     return 0
+
+
+def _machine(device: str) -> str:
+    """The CPU (model, vector extensions, cores), torch's version and the device: every report names them."""
+    import torch
+
+    from detfocal.engine.precision import cpu_description
+
+    gpus = ""
+    if device == "cuda":
+        gpus = f" ({torch.cuda.get_device_name()}; {torch.cuda.device_count()} device(s), CUDA {torch.version.cuda})"
+    return f"{cpu_description()}, {os.cpu_count()} cores, torch {torch.__version__}, device {device}{gpus}"
+
+
+def _gpu_check(args: argparse.Namespace) -> int:
+    """``--cases gpu``: the GPU check (:mod:`.gpu`); the table on stdout, the JSON after every step.
+
+    Returns:
+        0, or 1 where a row failed or missed its target.
+    """
+    from detfocal.utils.io import atomic_write
+
+    from .gpu import check_device, run_gpu_check
+    from .gpu_report import gpu_table
+
+    device = check_device(args.device, args.quick)
+    config = _existing_file(Path(args.config or default_inputs().config), "--config",
+                            "name the demo config (configs/shapes_retinanet_r18.yaml in the repository)")
+    machine = _machine(device)
+    print(f"detfocal GPU check: {machine}{' (dry run)' if device == 'cpu' else ''}", flush=True)
+
+    def write(details: dict[str, Any]) -> None:
+        if args.json:
+            payload = json.dumps({"machine": machine, "quick": args.quick, "device": device,
+                                  "table": gpu_table(details), "results": {GPU_CASE: details}}, indent=2)
+            atomic_write(args.json, lambda handle: handle.write(payload), binary=False)
+
+    details = run_gpu_check(device=device, quick=args.quick, config=config, repeats=args.repeats, on_step=write)
+    table = gpu_table(details)
+    print()
+    print(table)
+    print(f"\nlogs and run folders: {details['work_dir']}")
+    if args.json:
+        print(f"wrote {args.json}")
+    return 1 if any(row.endswith(("| FAILED |", "| MISS |")) for row in table.splitlines()) else 0

@@ -8,6 +8,8 @@ from typing import Any
 from .timing import fmt, time_call
 
 FEATURE_STRIDES = (8, 16, 32, 64, 128)
+DTYPES = ("fp32", "fp16", "bf16")
+GRAD_SCALER_SCALE = 2.0 ** 16  # GradScaler's initial scale: fp16 rows backpropagate a scaled loss, as in training
 
 
 def coco_num_anchors(height: int = 800, width: int = 1333, anchors_per_location: int = 9) -> int:
@@ -38,14 +40,24 @@ def loss_inputs(batch: int, num_anchors: int, num_classes: int, device: str, see
 
 
 def loss_case(spec: dict[str, Any]) -> dict[str, Any]:
+    """One loss row: forward + backward of ``spec["impl"]`` on logits of ``spec["dtype"]`` (fp32, fp16, bf16;
+    an ``_fp16`` suffix of the impl means fp16); fp16 losses are multiplied by GradScaler's scale first."""
     import torch
     import torchvision
 
     device = spec["device"]
     inputs = loss_inputs(spec["batch"], spec["num_anchors"], spec["num_classes"], device)
     impl = spec["impl"]
-    base = inputs["logits"].half() if impl.endswith("_fp16") else inputs["logits"]  # fp16: a GradScaler's path
+    dtype = spec.get("dtype") or ("fp16" if impl.endswith("_fp16") else "fp32")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: expected one of {DTYPES}, got {dtype!r}")
+    base = inputs["logits"].to({"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype])
+    scale = GRAD_SCALER_SCALE if dtype == "fp16" else 1.0
     logits = base.clone().requires_grad_(True)
+
+    def backward(loss: Any) -> None:
+        (loss * scale if scale != 1.0 else loss).backward()
+
     if impl in ("detfocal_compiled", "detfocal_eager"):
         os.environ["DETFOCAL_COMPILE"] = "1" if impl == "detfocal_compiled" else "0"
         from detfocal.losses import sigmoid_focal_loss
@@ -55,18 +67,16 @@ def loss_case(spec: dict[str, Any]) -> dict[str, Any]:
         def step() -> None:
             logits.grad = None
             num_foreground = (labels >= 0).logical_and(labels < base.shape[-1]).sum().clamp(min=1)
-            sigmoid_focal_loss(logits, labels, 0.25, 2.0, "sum", normalizer=num_foreground).backward()
+            backward(sigmoid_focal_loss(logits, labels, 0.25, 2.0, "sum", normalizer=num_foreground))
     elif impl in ("detfocal_head", "detfocal_head_fp16"):
         os.environ["DETFOCAL_COMPILE"] = spec.get("compile", "auto")
         from detfocal.modeling.heads import FocalClassificationHead
 
         head = FocalClassificationHead(8, 9, base.shape[-1]).to(device)
 
-        scale = 2.0 ** 16 if impl.endswith("_fp16") else 1.0  # GradScaler's initial scale
-
         def step() -> None:
             logits.grad = None
-            (head.compute_loss(inputs["targets"], {"cls_logits": logits}, inputs["matched_idxs"]) * scale).backward()
+            backward(head.compute_loss(inputs["targets"], {"cls_logits": logits}, inputs["matched_idxs"]))
     elif impl == "torchvision_head":
         from torchvision.models.detection.retinanet import RetinaNetClassificationHead
 
@@ -74,7 +84,7 @@ def loss_case(spec: dict[str, Any]) -> dict[str, Any]:
 
         def step() -> None:
             logits.grad = None
-            head.compute_loss(inputs["targets"], {"cls_logits": logits}, inputs["matched_idxs"]).backward()
+            backward(head.compute_loss(inputs["targets"], {"cls_logits": logits}, inputs["matched_idxs"]))
     elif impl in ("torchvision_ops_float", "detfocal_float"):
         one_hot = torch.zeros_like(base)
         labels = inputs["labels"]
@@ -88,7 +98,7 @@ def loss_case(spec: dict[str, Any]) -> dict[str, Any]:
 
         def step() -> None:
             logits.grad = None
-            loss_fn(logits, one_hot, 0.25, 2.0, "sum").backward()
+            backward(loss_fn(logits, one_hot, 0.25, 2.0, "sum"))
     elif impl == "sigmoid_pass":
         def step() -> None:
             torch.sigmoid(base)
@@ -96,7 +106,7 @@ def loss_case(spec: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"unknown impl {impl!r}")
     first, median_ms, extra_mb = time_call(step, spec["repeats"], device)
     result = {"first_call_s": first, "median_ms": median_ms, "peak_extra_mb": extra_mb,
-              "logits_mb": base.numel() * base.element_size() / 2**20}
+              "logits_mb": base.numel() * base.element_size() / 2**20, "dtype": dtype}
     if impl.startswith("detfocal"):
         from detfocal.losses import backend
 

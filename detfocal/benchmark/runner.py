@@ -27,8 +27,8 @@ RESULT = "detfocal.benchmark.result "
 
 def spec_label(name: str, spec: dict[str, Any]) -> str:
     """``"loss: detfocal_head"``-style name of a case for the progress lines."""
-    return f"{name}: " + " ".join(str(spec[key]) for key in ("impl", "model", "backbone", "precision")
-                                  if spec.get(key))
+    return f"{name}: " + " ".join(str(spec[key]) for key in ("impl", "label", "model", "backbone", "precision",
+                                                             "dtype") if spec.get(key))
 
 
 def worker(specs: list[dict[str, Any]], send: Callable[[str], None]) -> list[dict[str, Any]]:

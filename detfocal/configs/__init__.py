@@ -37,19 +37,15 @@ def resolve_config_path(name_or_path: str | os.PathLike[str]) -> Path:
         name_or_path: a path to a YAML file, or the name of a shipped config.
 
     Returns:
-        The path of the file to load: ``name_or_path`` itself when it exists, else the
-        shipped file.
+        The path to load: ``name_or_path`` itself when it exists (a folder is refused by the
+        loader, which names it), else the shipped file.
 
     Raises:
-        FileNotFoundError: neither a file nor a shipped config has that name; the message
-            lists the shipped names.
-        ValueError: ``name_or_path`` is a directory.
+        FileNotFoundError: a name without ``.yaml`` names neither a file nor a shipped config;
+            the message lists the shipped names.
     """
     path = Path(name_or_path)
-    if path.is_dir():
-        raise ValueError(f"config: {str(name_or_path)!r} is a directory, expected a YAML file or the name of a "
-                         f"shipped config ({', '.join(shipped_configs())})")
-    if path.is_file():
+    if path.exists():  # a file, or a folder the loader will name as one
         return path
     if not path.is_absolute() and ".." not in path.parts:
         names = [path] if path.suffix in _SUFFIXES else [path.with_name(path.name + suffix) for suffix in _SUFFIXES]
@@ -57,5 +53,7 @@ def resolve_config_path(name_or_path: str | os.PathLike[str]) -> Path:
             shipped = CONFIG_DIR / candidate
             if shipped.is_file():
                 return shipped
-    raise FileNotFoundError(f"config: {str(name_or_path)!r} is neither a file nor a shipped config; shipped: "
-                            f"{', '.join(shipped_configs())}")
+    if path.suffix in _SUFFIXES or path.is_absolute():
+        return path  # a path to a file that is not there: the loader says so
+    raise FileNotFoundError(f"config file {name_or_path} does not exist, and no shipped config has that name; "
+                            f"shipped: {', '.join(shipped_configs())}")

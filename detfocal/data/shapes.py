@@ -8,10 +8,12 @@ seeded by (seed, split, index), so the output is byte-identical across runs.
 from __future__ import annotations
 
 import colorsys
+import contextlib
 import json
 import math
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -206,6 +208,9 @@ def _claim_folder(out_dir: Path) -> None:
 def _generate_split(out_dir: Path, split: str, params: dict[str, Any], progress: bool) -> None:
     images_dir = out_dir / split
     images_dir.mkdir(parents=True, exist_ok=True)
+    # The json goes first and comes back last: a generation killed halfway leaves a split without
+    # annotations (regenerated next time), never old annotations over new images.
+    (out_dir / "annotations" / f"instances_{split}.json").unlink(missing_ok=True)
     images, annotations = [], []
     split_code = _SPLITS.index(split)
     for index in tqdm(range(params["num_images"]), desc=f"shapes {split}", disable=not progress):
@@ -285,16 +290,30 @@ def generate(
     _claim_folder(out_dir)
     (out_dir / "annotations").mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
-    for split, num_images in (("train", num_train), ("val", num_val)):
-        params = {"generator_version": GENERATOR_VERSION, "split": split, "num_images": num_images,
-                  "image_size": image_size, "seed": seed, "max_objects": max_objects,
-                  "min_object_size": min_object_size}
-        json_path = out_dir / "annotations" / f"instances_{split}.json"
-        if not _is_complete(json_path, out_dir / split, params):
-            _generate_split(out_dir, split, params, progress)
-        paths[f"{split}_images"] = out_dir / split
-        paths[f"{split}_annotations"] = json_path
+    with _generation_lock(out_dir):  # two jobs sharing the folder generate one after the other
+        for split, num_images in (("train", num_train), ("val", num_val)):
+            params = {"generator_version": GENERATOR_VERSION, "split": split, "num_images": num_images,
+                      "image_size": image_size, "seed": seed, "max_objects": max_objects,
+                      "min_object_size": min_object_size}
+            json_path = out_dir / "annotations" / f"instances_{split}.json"
+            if not _is_complete(json_path, out_dir / split, params):
+                _generate_split(out_dir, split, params, progress)
+            paths[f"{split}_images"] = out_dir / split
+            paths[f"{split}_annotations"] = json_path
     return paths
+
+
+@contextlib.contextmanager
+def _generation_lock(out_dir: Path) -> Iterator[None]:
+    """An advisory lock on ``out_dir`` while a process checks and (re)generates its splits."""
+    import fcntl
+
+    descriptor = os.open(out_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
 
 
 def ensure_dataset(root: str | Path, **params: Any) -> dict[str, Path]:

@@ -28,9 +28,11 @@ from torch import nn
 from detfocal.evaluation.coco import STAT_NAMES
 from detfocal.utils.io import append_jsonl, atomic_write, read_jsonl
 
-__all__ = ["Callback", "CallbackList", "EarlyStopping", "MetricsFile", "Plots", "ProgressLog", "Run", "TensorBoard"]
+__all__ = ["CALLBACK_EVENTS", "Callback", "CallbackList", "EarlyStopping", "MetricsFile", "Plots", "ProgressLog", "Run", "TensorBoard"]
 
 logger = logging.getLogger(__name__)
+
+CALLBACK_EVENTS = ("on_run_start", "on_step_end", "on_evaluation_end", "on_epoch_end", "on_checkpoint", "on_run_end")
 
 
 @dataclass
@@ -55,6 +57,8 @@ class Run:
     evaluations_since_best: int = 0
     skipped_steps: int = 0
     run_id: str = ""
+    evaluation_pending: bool = False  # last.pth was written before its epoch end's evaluation finished
+    epoch_progress: dict[str, Any] = field(default_factory=dict)  # a resumed epoch's loss sums so far
     evaluator: Any = None  # the last evaluation's CocoEvaluator
     stats: dict[str, Any] = field(default_factory=dict)  # and its COCO stats
     stop_reason: str | None = None
@@ -76,7 +80,8 @@ class Run:
                 or (self.iteration - 1) % self.iters_per_epoch == 0)
 
     def request_stop(self, reason: str) -> None:
-        """Stop the run after the current epoch end's checkpoint, with ``reason`` in its summary."""
+        """Stop the run at the next epoch end, after its evaluation and checkpoint, with ``reason``
+        in its summary."""
         self.stop_reason = reason
 
 

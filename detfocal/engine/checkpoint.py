@@ -38,9 +38,13 @@ def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> Path:
         try:
             torch.save(dict(state), handle)
         except RuntimeError as exc:
-            if "write" not in str(exc).lower():
+            # torch's stream writer reports a failed write (disk full, ulimit -f) as a RuntimeError,
+            # sometimes with the OSError only as its context.
+            cause = exc.__context__ if isinstance(exc.__context__, OSError) else None
+            if cause is None and "write" not in str(exc).lower():
                 raise
-            # torch's stream writer reports a failed write (disk full, ulimit -f) as a RuntimeError.
+            if cause is not None:
+                raise OSError(cause.errno, cause.strerror or str(cause)) from None
             raise OSError(errno.EIO, " ".join(str(exc).split())[:200]) from None
 
     return atomic_write(path, write)
@@ -59,11 +63,15 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"checkpoint {path} is a folder, expected a .pth file")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise ValueError(f"checkpoint {path} is empty (0 bytes), expected a .pth file written by torch.save")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ... by cause
-        raise ValueError(f"checkpoint {path} cannot be read with weights_only=True: "
-                         f"{' '.join(str(exc).split())[:300]}") from None
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        if "Weights only load failed" in reason:  # torch's advice to load with weights_only=False is not ours
+            reason = "it holds objects other than tensors and plain values, which are never unpickled here"
+        raise ValueError(f"checkpoint {path} cannot be read with weights_only=True: {reason[:300]}") from None
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")
     return state

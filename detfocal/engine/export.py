@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib
 import io
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -133,6 +134,9 @@ def export_onnx(checkpoint: str | Path | Mapping[str, Any], out: str | Path, *, 
                                      or not 0.0 <= score_thresh <= 1.0):
         raise ValueError(f"score_thresh: expected a score in [0, 1], got {score_thresh!r}")
     out = _check_output(Path(out), overwrite)
+    if not isinstance(checkpoint, Mapping) and out.exists() and Path(checkpoint).exists() and (
+            out.resolve() == Path(checkpoint).resolve() or os.path.samefile(out, checkpoint)):
+        raise ValueError(f"--out {out} is the checkpoint being exported; write the .onnx file elsewhere")
     onnx = _require("onnx", "ONNX export")  # the TorchScript exporter writes through it
 
     model, info = load_model(checkpoint, device="cpu",

@@ -26,15 +26,17 @@ from detfocal.engine.optim import set_lr
 from detfocal.engine.signals import Interrupted, StopRequest
 from detfocal.engine.step import train_step
 from detfocal.evaluation.coco import STAT_NAMES, CocoEvaluator
+from detfocal.utils._compat import shutdown_workers
 from detfocal.utils.comm import all_reduce_sum
 from detfocal.utils.io import write_json_atomic
 
-__all__ = ["Data", "EpochMeter", "Parts", "checkpoint_state", "end_epoch", "finish", "run_loop", "stop_on_signal"]
+__all__ = ["Data", "EpochMeter", "Parts", "checkpoint_state", "end_epoch", "evaluate_and_keep_best", "finish",
+           "run_loop", "stop_on_signal"]
 
 logger = logging.getLogger(__name__)
 
 
-def checkpoint_state(run: Run, parts: Parts, data: Data) -> dict[str, Any]:
+def checkpoint_state(run: Run, parts: Parts, data: Data, meter: EpochMeter | None = None) -> dict[str, Any]:
     """Everything needed to continue, as plain data (``torch.load(weights_only=True)`` reads it)."""
     ema = parts.ema
     return {"model": parts.model_without_ddp.state_dict(), "optimizer": parts.optimizer.state_dict(),  # type: ignore
@@ -43,7 +45,8 @@ def checkpoint_state(run: Run, parts: Parts, data: Data) -> dict[str, Any]:
             "skipped_steps": run.skipped_steps, "evaluations_since_best": run.evaluations_since_best,
             "ema": None if ema is None else ema.module.state_dict(),
             "ema_updates": 0 if ema is None else int(ema.n_averaged), "config": config_to_dict(run.config),
-            "num_classes": data.num_classes, "run_id": run.run_id,
+            "num_classes": data.num_classes, "run_id": run.run_id, "evaluation_pending": run.evaluation_pending,
+            "epoch_progress": {} if meter is None else meter.state(),
             "label_to_category_id": list(data.train_set.label_to_category_id),
             "category_names": list(data.train_set.category_names)}
 
@@ -79,11 +82,17 @@ class Parts:
 class EpochMeter:
     """Sums of the losses, images and time since the epoch (or this process) started."""
 
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.steps = self.images = 0
+    def __init__(self, progress: Mapping[str, Any] | None = None) -> None:
+        progress = progress or {}
+        self.sums: dict[str, float] = {str(k): float(v) for k, v in progress.get("sums", {}).items()}
+        self.steps, self.images = int(progress.get("steps", 0)), int(progress.get("images", 0))
         self.lr = 0.0
-        self.start = time.perf_counter()
+        self.start = time.perf_counter() - float(progress.get("seconds", 0.0))
+
+    def state(self) -> dict[str, Any]:
+        """The running sums as plain data, so a mid-epoch resume reports the whole epoch's means."""
+        return {"sums": dict(self.sums), "steps": self.steps, "images": self.images,
+                "seconds": time.perf_counter() - self.start}
 
     def add(self, run: Run, logged: Mapping[str, float], lr: float, images: int) -> dict[str, Any]:
         """Count one step; returns the step's logs for the callbacks."""
@@ -116,85 +125,118 @@ def _to_device(batch: tuple[Sequence[torch.Tensor], Sequence[Mapping[str, Any]]]
     return images, targets
 
 
-def run_loop(cfg: Any, run: Run, parts: Parts, data: Data, callbacks: CallbackList | None, folder: Any, rank: int,
-             world_size: int) -> dict[str, Any]:
-    """Loop stage: a step per iteration until ``total_iters``, a stop signal or early stopping."""
-    is_main, meter, stopped = rank == 0, EpochMeter(), "error"
+def run_loop(cfg: Any, run: Run, parts: Parts, data: Data, callbacks: CallbackList | None, folder: Any,
+             stop: StopRequest, rank: int, world_size: int) -> dict[str, Any]:
+    """Loop stage: a step per iteration until ``total_iters``, a stop signal or a requested stop."""
+    is_main, meter, stopped = rank == 0, EpochMeter(run.epoch_progress), "error"
     try:
         if is_main:
             callbacks.on_run_start(run)
+        if run.evaluation_pending:  # stopped or killed before the last epoch end's evaluation
+            record = meter.epoch_record(run)
+            evaluate_and_keep_best(cfg, run, parts, data, callbacks, folder, is_main, record)
+            if is_main:
+                _save(run, parts, data, callbacks, folder, "last")
+                callbacks.on_epoch_end(run, record)
+            meter.restart()
         parts.model.train()
         batches = iter(parts.train_loader)  # one loader, one set of workers, for the whole run
-        with StopRequest() as stop:
-            while run.iteration < run.total_iters and run.stop_reason is None:
-                images, targets = _to_device(next(batches), parts.device)
-                lr = cfg.train.lr * parts.lr_schedule(run.iteration)
-                set_lr(parts.optimizer, lr)
-                logged = train_step(parts.model, images, targets, parts.optimizer, amp_dtype=parts.amp_dtype,
-                                    scaler=parts.scaler, grad_clip=cfg.train.grad_clip,
-                                    stop_requested=stop.is_requested, iteration=run.iteration)
-                run.iteration += 1
-                run.skipped_steps += int(logged["skipped"])
-                if parts.ema is not None and not logged["skipped"]:
-                    parts.ema.update_parameters(parts.model_without_ddp)
-                logs = meter.add(run, logged, lr, len(images) * world_size)
-                if is_main:
-                    callbacks.on_step_end(run, logs)
-                if run.at_epoch_end:
-                    end_epoch(cfg, run, parts, data, callbacks, folder, meter, rank, world_size)
-                    meter.restart()
-                if logged["stop"] > 0:
-                    stop_on_signal(run, parts, data, callbacks, folder, stop.signum, is_main)
+        stop.in_loop = True  # from here on a signal waits for the step boundary
+        while run.iteration < run.total_iters:
+            images, targets = _to_device(next(batches), parts.device)
+            lr = cfg.train.lr * parts.lr_schedule(run.iteration)
+            set_lr(parts.optimizer, lr)
+            logged = train_step(parts.model, images, targets, parts.optimizer, amp_dtype=parts.amp_dtype,
+                                scaler=parts.scaler, grad_clip=cfg.train.grad_clip, stop_requested=stop.is_requested,
+                                iteration=run.iteration)
+            run.iteration += 1
+            run.skipped_steps += int(logged["skipped"])
+            if parts.ema is not None and not logged["skipped"]:
+                parts.ema.update_parameters(parts.model_without_ddp)
+            logs = meter.add(run, logged, lr, len(images) * world_size)
+            if is_main:
+                callbacks.on_step_end(run, logs)
+            # A stop on the last step is no stop: the run is complete, and evaluates as usual.
+            signalled = logged["stop"] > 0 and run.iteration < run.total_iters
+            if run.at_epoch_end:
+                end_epoch(cfg, run, parts, data, callbacks, folder, meter, rank, world_size, signalled)
+                meter.restart()
+            if signalled:
+                stop_on_signal(run, parts, data, callbacks, folder, meter, stop.signum, is_main)
+            if run.stop_reason is not None and run.at_epoch_end:  # a callback's request, after the checkpoint
+                break
         default = "completed" if cfg.train.max_iters is None or run.total_iters < cfg.train.max_iters else "max_iters"
         stopped = run.stop_reason or default
     except KeyboardInterrupt:
         stopped = "interrupted"
         raise
     finally:
+        for loader in (parts.train_loader, parts.val_loader):
+            shutdown_workers(loader)
         summary = finish(run, data, callbacks, stopped, is_main, parts.workers)
     return summary
 
 
-def _save(run: Run, parts: Parts, data: Data, callbacks: CallbackList, folder: Any, kind: str) -> Path:
-    path = save_checkpoint(run.output_dir / f"{kind}.pth", checkpoint_state(run, parts, data))
+def _save(run: Run, parts: Parts, data: Data, callbacks: CallbackList, folder: Any, kind: str,
+          meter: EpochMeter | None = None) -> Path:
+    state = checkpoint_state(run, parts, data, meter)
+    path = save_checkpoint(run.output_dir / f"{kind}.pth", state)
     folder.checkpoint_written()
     callbacks.on_checkpoint(run, path, kind)
     return path
 
 
+def evaluate_and_keep_best(cfg: Any, run: Run, parts: Parts, data: Data, callbacks: CallbackList | None,
+                           folder: Any, is_main: bool, record: dict[str, Any]) -> None:
+    """COCO-evaluate the (EMA) model on the val split; keep best.pth; add the stats to ``record``."""
+    # fp32 inference, as torchvision's references: 16-bit box regression loses whole pixels.
+    run.evaluator = CocoEvaluator(data.val_set.coco, data.val_set.label_to_category_id, backend=cfg.eval.backend)
+    run.stats = evaluate(run.eval_model, parts.val_loader, run.evaluator, parts.device, is_main=is_main,
+                         progress=is_main and sys.stderr.isatty())
+    run.evaluation_pending = False
+    parts.model.train()
+    if is_main:
+        record.update({name: run.stats[name] for name in STAT_NAMES if name in run.stats})
+        improved = run.stats["AP"] > run.best_ap
+        run.best_ap = max(run.best_ap, run.stats["AP"])
+        run.evaluations_since_best = 0 if improved else run.evaluations_since_best + 1
+        callbacks.on_evaluation_end(run, run.stats)
+        if improved:
+            _save(run, parts, data, callbacks, folder, "best")
+
+
 def end_epoch(cfg: Any, run: Run, parts: Parts, data: Data, callbacks: CallbackList | None, folder: Any,
-              meter: EpochMeter, rank: int, world_size: int) -> None:
-    """At an epoch end: evaluate when due, keep the best weights, checkpoint, agree on stopping."""
+              meter: EpochMeter, rank: int, world_size: int, signalled: bool) -> None:
+    """At an epoch end: checkpoint, evaluate when due (not when a stop signal waits), keep the best
+    weights, checkpoint again, agree on stopping.
+
+    last.pth is written before the evaluation, marked as awaiting it: a kill during a long
+    evaluation loses no training, and the resumed run evaluates first.
+    """
     is_main = rank == 0
     record = meter.epoch_record(run)
-    evaluated = (run.epoch + 1) % cfg.eval.interval == 0 or run.iteration == run.total_iters
-    if evaluated:
-        # fp32 inference, as torchvision's references: 16-bit box regression loses whole pixels.
-        run.evaluator = CocoEvaluator(data.val_set.coco, data.val_set.label_to_category_id, backend=cfg.eval.backend)
-        run.stats = evaluate(run.eval_model, parts.val_loader, run.evaluator, parts.device, is_main=is_main,
-                             progress=is_main and sys.stderr.isatty())
-        parts.model.train()
+    due = (run.epoch + 1) % cfg.eval.interval == 0 or run.iteration == run.total_iters
+    run.evaluation_pending = due
+    if is_main:  # with an evaluation to come, the epoch's sums go along for its record
+        _save(run, parts, data, callbacks, folder, "last", meter if due else None)
+        (run.output_dir / "interrupted.pth").unlink(missing_ok=True)  # last.pth is newer now
+    if signalled and due:
+        return  # evaluate after the resume: the kill that follows a signal will not wait for it
+    if due:
+        evaluate_and_keep_best(cfg, run, parts, data, callbacks, folder, is_main, record)
         if is_main:
-            record.update({name: run.stats[name] for name in STAT_NAMES if name in run.stats})
-            improved = run.stats["AP"] > run.best_ap
-            run.best_ap = max(run.best_ap, run.stats["AP"])
-            run.evaluations_since_best = 0 if improved else run.evaluations_since_best + 1
-            callbacks.on_evaluation_end(run, run.stats)
-            if improved:
-                _save(run, parts, data, callbacks, folder, "best")
+            _save(run, parts, data, callbacks, folder, "last")
     if is_main:
         callbacks.on_epoch_end(run, record)
-        _save(run, parts, data, callbacks, folder, "last")
-        (run.output_dir / "interrupted.pth").unlink(missing_ok=True)  # last.pth is newer now
-    if evaluated and world_size > 1:
-        # Only rank 0 has the AP: it decides early stopping, every rank follows (a collective).
-        verdict = all_reduce_sum(torch.tensor(float(run.stop_reason is not None), device=parts.device))
+    if world_size > 1:
+        # Only rank 0 hears the callbacks (early stopping): it decides, every rank follows (a collective).
+        verdict = all_reduce_sum(torch.full((), float(run.stop_reason is not None), device=parts.device))
         if verdict.item() > 0 and run.stop_reason is None:
-            run.request_stop("early stopping (decided on rank 0)")
+            run.request_stop("stopped by a callback on rank 0")
 
 
 def stop_on_signal(run: Run, parts: Parts, data: Data, callbacks: CallbackList | None, folder: Any,
-                   signum: int | None, is_main: bool) -> None:
+                   meter: EpochMeter, signum: int | None, is_main: bool) -> None:
     """After the step at which a stop signal arrived: save interrupted.pth (unless last.pth was just
     written at an epoch end) and raise :class:`Interrupted`."""
     import signal as signal_module
@@ -202,9 +244,9 @@ def stop_on_signal(run: Run, parts: Parts, data: Data, callbacks: CallbackList |
     signum = signum or signal_module.SIGTERM  # the other ranks learn of it only through the step's sync
     if is_main:
         if run.at_epoch_end:
-            logger.warning("interrupted: stopped at the end of epoch %d; resume with --resume", run.epoch)
+            logger.warning("interrupted: saved last.pth at the end of epoch %d; resume with --resume", run.epoch)
         else:
-            path = _save(run, parts, data, callbacks, folder, "interrupted")
+            path = _save(run, parts, data, callbacks, folder, "interrupted", meter)
             logger.warning("interrupted: saved %s at step %d; resume with --resume", path, run.iteration)
     raise Interrupted(signum, f"stopped by {signal_module.Signals(signum).name} at step {run.iteration}")
 

@@ -39,6 +39,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.in_loop = False  # set by the loop: before it, a signal stops at once (nothing to save)
         self._previous: dict[int, Any] = {}
 
     @property
@@ -56,6 +57,8 @@ class StopRequest:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if not self.in_loop:
+            raise Interrupted(signum, f"{signal.Signals(signum).name} before the first step: nothing to save")
         if self.signum is not None:
             raise Interrupted(signum, f"{signal.Signals(signum).name} again: stopped at once, without saving")
         self.signum = signum

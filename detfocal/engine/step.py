@@ -1,15 +1,16 @@
 """One training step: forward, backward, the step's single host sync, and the optimizer step."""
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from detfocal.utils.comm import all_reduce_sum, get_world_size
 
-__all__ = ["train_step"]
+__all__ = ["documented_sync", "train_step"]
 
 
 def _first_nonfinite_parameter(model: nn.Module) -> str:
@@ -17,6 +18,27 @@ def _first_nonfinite_parameter(model: nn.Module) -> str:
         if parameter.grad is not None and not torch.isfinite(parameter.grad).all():
             return name.removeprefix("module.")
     return "<none found>"
+
+
+@contextlib.contextmanager
+def documented_sync(device: torch.device) -> Iterator[None]:
+    """Around the step's one host sync: CUDA's sync debug mode is off inside and restored after.
+
+    Under ``torch.cuda.set_sync_debug_mode("error")`` a training step then fails at any other
+    sync, not at this expected one (the CUDA test that runs steps so, and
+    ``docs/how-to/gpu-check.md``).
+
+    Args:
+        device: the step's device; nothing changes off CUDA or with the debug mode off.
+    """
+    mode = torch.cuda.get_sync_debug_mode() if device.type == "cuda" else 0
+    if mode:
+        torch.cuda.set_sync_debug_mode(0)
+    try:
+        yield
+    finally:
+        if mode:
+            torch.cuda.set_sync_debug_mode(mode)
 
 
 def train_step(model: nn.Module, images: Sequence[torch.Tensor], targets: Sequence[Mapping[str, Any]],
@@ -27,7 +49,10 @@ def train_step(model: nn.Module, images: Sequence[torch.Tensor], targets: Sequen
 
     The losses, the gradient norm and the stop flag travel in a single all-reduce, which is
     also the step's only host sync: every rank sees the same verdict. The gradient norm is
-    computed after unscaling (fp16) and reused for clipping.
+    computed after unscaling (fp16) and reused for clipping. "Only" holds for detfocal's
+    side of the step and a fused optimizer (:func:`~detfocal.engine.optim.build_optimizer`'s);
+    ``GradScaler.step`` reads the inf check back for any other, and torchvision's parts of
+    the model make their own (``docs/how-to/gpu-check.md`` lists them).
 
     Returns:
         The losses averaged over processes (``classification``, ``bbox_regression``, ``loss``),
@@ -52,11 +77,13 @@ def train_step(model: nn.Module, images: Sequence[torch.Tensor], targets: Sequen
 
     names = list(loss_dict)
     world_size = get_world_size()
+    # torch.full, not torch.tensor: made on the device, where a copy from the host would wait for the stream.
     values = torch.stack([loss_dict[name].detach().float() for name in names] +
                          [loss.detach().float(), grad_norm.float(),
-                          torch.tensor(float(stop_requested()), device=loss.device)])
+                          torch.full((), float(stop_requested()), device=loss.device)])
     # Means over ranks; the gradient norm is the same on every rank, and stop > 0 if any rank stops.
-    values = (all_reduce_sum(values) / world_size).tolist()  # the step's one host sync
+    with documented_sync(loss.device):
+        values = (all_reduce_sum(values) / world_size).tolist()  # the step's one host sync
     logged = dict(zip(names + ["loss", "grad_norm", "stop"], values))
     if not all(math.isfinite(logged[name]) for name in names + ["loss"]):
         losses = ", ".join(f"{name}={logged[name]:.6g}" for name in names + ["loss"])

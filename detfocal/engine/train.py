@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import random
+import signal
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -32,13 +33,14 @@ from detfocal.config import (config_from_dict, config_to_dict, config_to_yaml, d
 from detfocal.data import CocoDetection, build_transforms, collate_fn
 from detfocal.data.sampler import ResumableBatchSampler
 from detfocal.data.shapes import ensure_dataset
-from detfocal.engine.callbacks import (CallbackList, EarlyStopping, MetricsFile, Plots, ProgressLog, Run,
-                                       TensorBoard)
+from detfocal.engine.callbacks import (CALLBACK_EVENTS, CallbackList, EarlyStopping, MetricsFile, Plots, ProgressLog,
+                                       Run, TensorBoard)
 from detfocal.engine.checkpoint import check_compatible, load_checkpoint, load_detector_weights, restore_rng_state
 from detfocal.engine.loop import Data, Parts, run_loop
 from detfocal.engine.optim import build_ema, build_lr_schedule, build_optimizer
 from detfocal.engine.precision import resolve_amp
 from detfocal.engine.run_dir import RunFolder, choose_resume_checkpoint
+from detfocal.engine.signals import STOP_SIGNALS, StopRequest
 from detfocal.engine.step import train_step
 from detfocal.engine.workers import resolve_workers
 from detfocal.modeling.validate import check_model_config
@@ -84,9 +86,13 @@ def train(config: str | Path | Any, output_dir: str | Path | None = None, resume
         FloatingPointError: a non-finite loss or (fp32/bf16) gradient; last.pth is untouched.
         Interrupted: (a KeyboardInterrupt) after a stop signal, once interrupted.pth is written.
     """
+    overrides, callbacks = _check_arguments(overrides, resume, callbacks)
     if isinstance(config, (str, Path)):
         cfg = load_config(config, overrides)
         default_dir = Path("runs") / Path(config).stem
+    elif isinstance(config, Mapping):
+        cfg = config_from_dict(config, overrides)
+        default_dir = Path("runs") / "run"
     else:
         cfg = config_from_dict(config_to_dict(config), overrides) if overrides else config
         default_dir = Path("runs") / "run"
@@ -98,7 +104,9 @@ def train(config: str | Path | Any, output_dir: str | Path | None = None, resume
         checkpoint, checkpoint_path = read_resume_checkpoint(out_dir, resume)
         folder = (RunFolder(out_dir, checkpoint=checkpoint, checkpoint_path=checkpoint_path, overwrite=overwrite)
                   if rank == 0 else contextlib.nullcontext())
-        with folder:  # locked, checked; nothing is replaced before start()
+        # Signals are caught from here on: before the loop they stop at once (nothing to save yet),
+        # and a folder being --overwrite-n gets its old run back on the way out.
+        with StopRequest() as stop, folder:  # locked, checked; nothing is replaced before start()
             _seed_everything(cfg.train.seed + rank, cfg.train.deterministic)  # each rank its own augmentations
             data = build_data(cfg, rank, world_size, checkpoint, checkpoint_path)
             parts = build_model(cfg, data, device, rank, local_rank, world_size, checkpoint)
@@ -112,7 +120,7 @@ def train(config: str | Path | Any, output_dir: str | Path | None = None, resume
             try:
                 for note in notes:
                     logger.info(note)
-                return run_loop(cfg, run, parts, data, all_callbacks, folder, rank, world_size)
+                return run_loop(cfg, run, parts, data, all_callbacks, folder, stop, rank, world_size)
             finally:
                 if log_file is not None:
                     logging.getLogger("detfocal").removeHandler(log_file)
@@ -120,6 +128,23 @@ def train(config: str | Path | Any, output_dir: str | Path | None = None, resume
     finally:
         if owns_process_group:
             cleanup()
+
+
+def _check_arguments(overrides: Any, resume: Any, callbacks: Any) -> tuple[list[str], list[Any]]:
+    """Refuse, in one line, arguments that would fail late or do nothing."""
+    if isinstance(overrides, (str, bytes)) or not all(isinstance(item, str) for item in overrides):
+        raise ValueError(f"overrides: expected a list of 'key=value' strings, got {overrides!r:.80}")
+    if not (resume is None or isinstance(resume, (bool, str, os.PathLike))):
+        raise ValueError(f"resume: expected a checkpoint path, True or None, got {resume!r:.80}")
+    if isinstance(callbacks, (str, bytes)):
+        raise ValueError(f"callbacks: expected a list of callback objects, got {callbacks!r:.80}")
+    for callback in callbacks:
+        if isinstance(callback, type):
+            raise ValueError(f"callbacks: {callback.__name__} is a class; pass an instance, "
+                             f"{callback.__name__}()")
+        if not any(callable(getattr(callback, event, None)) for event in CALLBACK_EVENTS):
+            raise ValueError(f"callbacks: {callback!r:.80} has none of the events {', '.join(CALLBACK_EVENTS)}")
+    return list(overrides), list(callbacks)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,8 +194,15 @@ def build_data(cfg: Any, rank: int, world_size: int, checkpoint: Mapping[str, An
     return Data(train_set, val_set, num_classes)
 
 
-def _seed_worker(worker_id: int) -> None:
-    """DataLoader workers: derive Python's and NumPy's seeds from the per-worker torch seed."""
+def _init_worker(worker_id: int) -> None:
+    """DataLoader workers: derive Python's and NumPy's seeds from the per-worker torch seed, and
+    leave the stop signals to the training process.
+
+    SLURM's preemption and Ctrl-C signal the whole process group; a worker that died of it
+    would end the run before the training process could save at its step boundary.
+    """
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
     seed = torch.initial_seed() % 2 ** 32
     random.seed(seed)
     np.random.seed(seed)
@@ -196,12 +228,13 @@ def build_model(cfg: Any, data: Data, device: torch.device, rank: int, local_ran
     # which drives the augmentations and is saved in checkpoints.
     loader_options = {"num_workers": workers, "collate_fn": collate_fn, "persistent_workers": workers > 0,
                       "pin_memory": device.type == "cuda"}
-    train_loader = DataLoader(data.train_set, batch_sampler=sampler, worker_init_fn=_seed_worker,
+    train_loader = DataLoader(data.train_set, batch_sampler=sampler, worker_init_fn=_init_worker,
                               generator=torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + start + rank),
                               **loader_options)
     # Each rank evaluates every world_size-th image, with no padding repeats.
     val_loader = DataLoader(data.val_set, batch_size=cfg.eval.batch_size, generator=torch.Generator(),
-                            sampler=list(range(rank, len(data.val_set), world_size)), **loader_options)
+                            sampler=list(range(rank, len(data.val_set), world_size)), worker_init_fn=_init_worker,
+                            **loader_options)
     model_without_ddp = model
     if world_size > 1:
         model = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
@@ -264,6 +297,8 @@ def restore(cfg: Any, run: Run, parts: Parts, checkpoint: Mapping[str, Any] | No
     run.iteration = run.start_iteration = int(checkpoint.get("iteration", checkpoint.get("global_step", 0)))
     run.best_ap, run.skipped_steps = float(checkpoint["best_ap"]), int(checkpoint.get("skipped_steps", 0))
     run.evaluations_since_best = int(checkpoint.get("evaluations_since_best", 0))
+    run.evaluation_pending = bool(checkpoint.get("evaluation_pending", False))
+    run.epoch_progress = dict(checkpoint.get("epoch_progress") or {})
     if is_main:  # only rank 0's streams are saved; the other ranks keep their fresh seeds
         restore_rng_state(checkpoint["rng"])
         before, now = _flatten(checkpoint.get("config", {})), _flatten(config_to_dict(cfg))

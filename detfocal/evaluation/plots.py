@@ -159,7 +159,7 @@ def save_figure(fig: "Figure", out_dir: Path, name: str) -> list[Path]:
     """Write ``fig`` as ``out_dir/name.png`` and ``out_dir/name.svg``; return both paths."""
     paths = [Path(out_dir) / f"{name}.{ext}" for ext in ("png", "svg")]
     for path in paths:
-        fig.savefig(path, dpi=150)
+        atomic_write(path, lambda handle, ext=path.suffix[1:]: fig.savefig(handle, format=ext, dpi=150))
     return paths
 
 
@@ -189,6 +189,11 @@ def write_figures(out_dir: str | Path) -> list[Path]:
 # --------------------------------------------------------------------------------------
 # Training runs and evaluations.
 # --------------------------------------------------------------------------------------
+def _save_png(figure: "Figure", path: str | Path) -> Path:
+    """``figure`` as a PNG, written atomically: a kill or a full disk never leaves half a plot."""
+    return atomic_write(path, lambda handle: figure.savefig(handle, format="png"))
+
+
 def plot_training_curves(metrics_path: str | Path, out_dir: str | Path) -> list[Path]:
     """Write ``loss.png`` (train losses by step) and, if any evaluation ran, ``ap.png`` (AP by epoch).
 
@@ -211,8 +216,7 @@ def plot_training_curves(metrics_path: str | Path, out_dir: str | Path) -> list[
         axes.set_ylabel("loss")
         axes.set_yscale("log")
         axes.legend()
-        figure.savefig(out_dir / "loss.png")
-        written.append(out_dir / "loss.png")
+        written.append(_save_png(figure, out_dir / "loss.png"))
     evaluations = [r for r in records if r.get("type") == "epoch" and "AP" in r]
     if evaluations:
         figure = new_figure(figsize=(7, 4), layout="constrained")
@@ -224,8 +228,7 @@ def plot_training_curves(metrics_path: str | Path, out_dir: str | Path) -> list[
         axes.set_ylabel("COCO box AP (val)")
         axes.set_ylim(0, 1)
         axes.legend()
-        figure.savefig(out_dir / "ap.png")
-        written.append(out_dir / "ap.png")
+        written.append(_save_png(figure, out_dir / "ap.png"))
     return written
 
 
@@ -381,5 +384,4 @@ def plot_ablation(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], path: 
     axes.set_ylabel("AP (0.5:0.95) x 100")
     axes.grid(alpha=0.3)
     axes.legend()
-    figure.savefig(path)
-    return Path(path)
+    return _save_png(figure, path)

@@ -70,7 +70,7 @@ def reduce_loss_and_grad(loss: Tensor, grads: tuple[Tensor | None, ...], reducti
     if reduction == "sum":
         divisor = None
     elif divisor is None:
-        divisor = torch.tensor(max(loss.numel(), 1), dtype=loss.dtype, device=loss.device)
+        divisor = torch.full((), max(loss.numel(), 1), dtype=loss.dtype, device=loss.device)  # no host copy
     return divide_loss_and_grads(total, grads, divisor, normalizer)
 
 

@@ -171,7 +171,9 @@ def alpha_tensor(alpha: AlphaLike, logits: Tensor, dtype: torch.dtype) -> Tensor
     """
     if alpha is None or isinstance(alpha, (Real, str, bytes)):
         value = check_alpha(alpha)
-        return None if value is None else torch.tensor(value, dtype=dtype, device=logits.device)
+        # torch.full, not torch.tensor: a tensor made on the device, not copied from the host,
+        # which on CUDA would wait for the stream.
+        return None if value is None else torch.full((), value, dtype=dtype, device=logits.device)
     try:
         tensor = torch.as_tensor(alpha, dtype=dtype, device=logits.device)
     except (TypeError, ValueError, RuntimeError):
@@ -225,4 +227,6 @@ def normalizer_tensor(normalizer: Tensor | float | None, reduction: str, logits:
     if tensor.device.type == "cpu":
         check_real(tensor, "normalizer" + (f" (as {dtype})" if not isinstance(normalizer, Tensor) or
                                            normalizer.dtype != dtype else ""), low=0.0, low_open=True)
+    if not isinstance(normalizer, Tensor):  # made on the device: a copy from the host would wait for the stream
+        return torch.full((), float(normalizer), dtype=dtype, device=logits.device)
     return tensor.to(logits.device)

@@ -26,7 +26,7 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from .anchors import NUM_LEVELS, CachedAnchorGenerator, build_anchor_generator, default_anchor_sizes
 from .backbones import resolve_backbone_weights
 from .heads import FocalClassificationHead
-from .matching import match_anchors, match_anchors_batched, split_crowd
+from .matching import crowd_flags, match_anchors, match_anchors_batched, split_crowd
 from .retinanet_head import HEAD_NORMS, build_retinanet_head, infer_norm_layer, retinanet_head_loss
 from detfocal.utils._compat import Matcher
 from detfocal.utils.registry import BACKBONES, DETECTORS
@@ -83,49 +83,76 @@ class FocalRetinaNet(RetinaNet):
                      anchors: list[Tensor]) -> dict[str, Tensor]:
         """Match anchors (crowd-aware) and return ``{"classification", "bbox_regression"}``.
 
-        The heads see the targets without crowd boxes, and ``matched_idxs`` index into
-        those.
-        """
-        head_targets, crowd_boxes = [], []
-        for targets_per_image in targets:
-            kept, crowd = split_crowd(targets_per_image)
-            head_targets.append(kept)
-            crowd_boxes.append(crowd)
-        matched_idxs = self.match(anchors, [kept["boxes"] for kept in head_targets], crowd_boxes)
-        # Heads that need box quality (QFL, VFL) also get the IoU targets of box_quality_targets.
-        return retinanet_head_loss(self.head, head_targets, head_outputs, anchors, matched_idxs, self.box_coder)
+        The heads see the targets as given, crowd boxes included (their labels must be
+        valid class indices too), and ``matched_idxs`` index into them; a crowd box is never
+        matched, so it is neither a positive nor a regression target. Removing the crowd
+        boxes instead would make tensors whose sizes the host must read from the device.
 
-    def match(self, anchors: list[Tensor], boxes: list[Tensor], crowd_boxes: list[Tensor | None]) -> list[Tensor]:
+        Host syncs: none in this method and the focal head's loss; torchvision's
+        ``RetinaNetRegressionHead.compute_loss`` makes its own (one ``torch.where`` per image),
+        as do, before this method, torchvision's transform and its degenerate-box check
+        (see ``docs/how-to/gpu-check.md``).
+        """
+        iscrowd = [crowd_flags(targets_per_image) for targets_per_image in targets]
+        matched_idxs = self.match(anchors, [targets_per_image["boxes"] for targets_per_image in targets],
+                                  iscrowd=iscrowd)
+        # Heads that need box quality (QFL, VFL) also get the IoU targets of box_quality_targets.
+        return retinanet_head_loss(self.head, targets, head_outputs, anchors, matched_idxs, self.box_coder)
+
+    def match(self, anchors: list[Tensor], boxes: list[Tensor], crowd_boxes: list[Tensor | None] | None = None, *,
+              iscrowd: list[Tensor | None] | None = None) -> list[Tensor]:
         """The crowd-aware ``matched_idxs`` of every image (see :func:`match_anchors`).
 
         With torchvision's ``Matcher`` the batch is matched in one call of
         :func:`match_anchors_batched`, or image by image where its ``[B, M, N]`` IoU would
-        pass ``MATCH_BATCH_ELEMENTS``; any other ``proposal_matcher`` is called image by
-        image through :func:`match_anchors`. All give the same result.
+        pass ``MATCH_BATCH_ELEMENTS``, without host syncs; any other ``proposal_matcher`` is
+        called image by image through :func:`match_anchors` (with :func:`split_crowd`'s
+        host syncs for ``iscrowd``). All give the same result.
 
         Args:
             anchors: one ``[N, 4]`` tensor per image (one shared tensor from
                 :class:`CachedAnchorGenerator`).
-            boxes: one ``[M_i, 4]`` tensor of non-crowd boxes per image.
-            crowd_boxes: one ``[K_i, 4]`` tensor of crowd boxes, or None, per image.
+            boxes: one ``[M_i, 4]`` tensor per image: its non-crowd boxes, or all of them
+                with ``iscrowd``.
+            crowd_boxes: one ``[K_i, 4]`` tensor of crowd boxes, or None, per image; or None.
+            iscrowd: one bool ``[M_i]`` tensor (or None) per image flagging the crowd boxes
+                among ``boxes`` (:func:`crowd_flags`), or None.
 
         Returns:
-            One ``[N]`` int64 tensor per image: box index, -1 background or -2 ignored.
+            One ``[N]`` int64 tensor per image: index into its ``boxes``, -1 background or
+            -2 ignored.
         """
         if not boxes:
             return []
+        crowd_boxes = list(crowd_boxes) if crowd_boxes is not None else [None] * len(boxes)
+        flags = list(iscrowd) if iscrowd is not None else [None] * len(boxes)
         if type(self.proposal_matcher) is not Matcher:  # noqa: E721 (a subclass may change the rules)
-            return [match_anchors(a, b, self.proposal_matcher, c, self.crowd_ioa_thresh)
-                    for a, b, c in zip(anchors, boxes, crowd_boxes)]
+            return [self._match_one_image(a, b, c, f) for a, b, c, f in zip(anchors, boxes, crowd_boxes, flags)]
         most_boxes = max([b.shape[0] for b in boxes] + [c.shape[0] for c in crowd_boxes if c is not None] + [1])
         if all(a.shape == anchors[0].shape for a in anchors) \
                 and len(boxes) * most_boxes * anchors[0].shape[0] <= MATCH_BATCH_ELEMENTS:
             # CachedAnchorGenerator gives every image the same tensor: broadcast it rather than stack copies.
             shared = anchors[0] if all(a is anchors[0] for a in anchors) else torch.stack(anchors)
-            matched = match_anchors_batched(shared, boxes, self.proposal_matcher, crowd_boxes, self.crowd_ioa_thresh)
+            matched = match_anchors_batched(shared, boxes, self.proposal_matcher, crowd_boxes, self.crowd_ioa_thresh,
+                                            iscrowd=flags)
             return list(matched.unbind(0))
-        return [match_anchors_batched(a, [b], self.proposal_matcher, [c], self.crowd_ioa_thresh)[0]
-                for a, b, c in zip(anchors, boxes, crowd_boxes)]
+        return [match_anchors_batched(a, [b], self.proposal_matcher, [c], self.crowd_ioa_thresh, iscrowd=[f])[0]
+                for a, b, c, f in zip(anchors, boxes, crowd_boxes, flags)]
+
+    def _match_one_image(self, anchors: Tensor, boxes: Tensor, crowd_boxes: Tensor | None,
+                         iscrowd: Tensor | None) -> Tensor:
+        """:func:`match_anchors` with any ``proposal_matcher``; flagged crowd boxes are split off (host syncs)."""
+        if iscrowd is None:
+            return match_anchors(anchors, boxes, self.proposal_matcher, crowd_boxes, self.crowd_ioa_thresh)
+        kept, flagged = split_crowd({"boxes": boxes, "iscrowd": iscrowd})
+        regions = [r for r in (crowd_boxes, flagged) if r is not None and r.numel()]
+        matched = match_anchors(anchors, kept["boxes"], self.proposal_matcher,
+                                torch.cat(regions) if regions else None, self.crowd_ioa_thresh)
+        kept_index = (~iscrowd.to(device=boxes.device, dtype=torch.bool)).nonzero().squeeze(1)
+        if kept_index.numel() == 0:  # crowd boxes only: nothing was matched
+            return matched
+        # Indices into the kept boxes -> indices into all of the image's boxes.
+        return torch.where(matched >= 0, kept_index.to(matched.device)[matched.clamp(min=0)], matched)
 
 
 @DETECTORS.register("retinanet")

@@ -15,7 +15,8 @@ from torch import Tensor
 # imports them from here (torchvision.models.detection._utils, unchanged 0.8-0.29).
 from torchvision.models.detection._utils import BoxCoder, Matcher  # noqa: F401
 
-__all__ = ["BoxCoder", "Matcher", "assert_async", "foreach_copy_", "foreach_lerp_", "graph_is_kept", "tensor_version"]
+__all__ = ["BoxCoder", "Matcher", "assert_async", "foreach_copy_", "foreach_lerp_", "graph_is_kept",
+           "shutdown_workers", "tensor_version"]
 
 
 def assert_async(condition: Tensor, message: str) -> None:
@@ -54,3 +55,23 @@ def tensor_version(x: Tensor) -> int:
     it for the inputs it recomputes from under ``create_graph``.
     """
     return x._version
+
+
+def shutdown_workers(loader: object) -> None:
+    """Stop a ``DataLoader``'s persistent worker processes now, and kill any that do not stop.
+
+    ``DataLoader._iterator`` and ``_shutdown_workers`` (torch 1.7-2.14) are what the loader itself
+    calls when it is garbage collected. detfocal's workers ignore SIGTERM (a signal to the whole
+    job must reach the training process, not kill its workers), so the fallbacks that send it,
+    ``Process.terminate`` and multiprocessing's exit handler, cannot stop them: they are asked to
+    stop through the loader's own queues here, before the process exits.
+    """
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is None or not hasattr(iterator, "_shutdown_workers"):
+        return
+    iterator._shutdown_workers()
+    for worker in getattr(iterator, "_workers", []):
+        if worker.is_alive():
+            worker.kill()
+            worker.join(timeout=5)
+    loader._iterator = None  # type: ignore[attr-defined]

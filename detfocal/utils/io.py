@@ -164,7 +164,8 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: a line other than the last is not JSON (the message names the file and line).
+        ValueError: a line other than the last is not a JSON object (the message names the file
+            and the line).
     """
     path = Path(path)
     with open(path, encoding="utf-8", errors="replace") as handle:
@@ -174,9 +175,12 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             if number == len(lines):  # the last line, with no newline: an append that was cut off
                 continue
             raise ValueError(f"{path}: line {number} is not JSON: {line[:80]!r}") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: line {number} is {line[:80]!r}, expected a JSON object")
+        records.append(record)
     return records
