@@ -205,11 +205,14 @@ def focal_int_targets(z: Tensor, labels: Tensor, alpha: Tensor | None, gamma: fl
         if label_smoothing:
             t = t * (1 - label_smoothing) + label_smoothing / 2
         grad_alpha = focal_target_grads(z, t, alpha, gamma, False, True)[1] * row_scale
-    # Scattered, not added to the sum as a correction: at an infinite logit that meets inf - inf.
-    loss = loss.mul_(valid_f).scatter_(-1, index, torch.where(is_pos, pos_loss, neg_loss_label) * valid_f)
     if reduction == "none":
+        loss = loss.mul_(valid_f).scatter_(-1, index, torch.where(is_pos, pos_loss, neg_loss_label) * valid_f)
         return loss, (grad, grad_alpha)
-    total = loss.sum()
+    # "sum"/"mean": the label column's negative term is selected out inside the reduction, which
+    # torch.compile fuses into the pass that computes the loss: no logits-sized loss tensor, and no
+    # inf - inf at an infinite logit, as subtracting it afterwards would give.
+    label_column = (torch.arange(num_classes, device=z.device) == index) & is_pos  # [..., C]
+    total = (torch.where(label_column, 0, loss) * valid_f).sum() + (torch.where(is_pos, pos_loss, 0) * valid_f).sum()
     return (total if divisor is None else total / divisor), (grad, grad_alpha)
 
 
