@@ -578,3 +578,13 @@ def test_subset_refuses_an_existing_out_file_without_overwrite(tmp_path, capsys)
     assert "exists; add --overwrite" in capsys.readouterr().err and out.read_text() == "the user's results"
     assert cli_main(["subset", str(source), "--max-images", "3", "--out", str(out), "--overwrite"]) == 0
     assert len(json.loads(out.read_text())["images"]) == 3
+
+
+def test_eval_refuses_to_write_into_a_training_runs_folder(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"type": "epoch", "epoch": 0}\n')
+    (run / "metrics.json").write_text('{"AP": 0.5}')
+    torch.save({"iteration": 1}, run / "last.pth")
+    assert cli_main(["eval", str(run / "last.pth"), "--out-dir", str(run)]) == 2
+    assert "holds a training run" in capsys.readouterr().err and (run / "metrics.json").read_text() == '{"AP": 0.5}'

@@ -133,7 +133,11 @@ def evaluate_checkpoint(checkpoint: str | Path, config: str | Path | None = None
 
     checkpoint = Path(checkpoint)
     state = load_checkpoint(checkpoint)
-    out = ensure_writable_dir(out_dir if out_dir is not None else checkpoint.parent / "eval", "--out-dir")
+    out_path = Path(out_dir) if out_dir is not None else checkpoint.parent / "eval"
+    if (out_path / "metrics.jsonl").exists() or (out_path / "run.json").exists():
+        raise ValueError(f"--out-dir {out_path} holds a training run, whose metrics.json and results.json an "
+                         f"evaluation would replace; choose another folder (default: <checkpoint folder>/eval)")
+    out = ensure_writable_dir(out_path, "--out-dir")
     model, info = load_model(state, config, overrides=overrides, source=str(checkpoint))
     cfg = info["config"]
     if config is not None and shapes_kwargs(cfg) is not None:  # never for a config read from the checkpoint
